@@ -1,0 +1,569 @@
+"""Proximity top-k: the k gallery rows most similar (cosine) to each query, without the Q x N score matrix.
+
+The result is exact: identical to a float64 search, ties broken by lower index. Both backends run
+the same two stages:
+
+1. a candidate pass over gallery tiles in a fast number format (Triton fp32 on GPU; on CPU int8,
+   bf16 or fp32, whichever the CPU multiplies fastest) that keeps, per query, every row whose
+   score *could* reach the exact top-k given a proven bound on that format's error;
+2. an exact float64 re-rank of those candidates. A query whose candidates overflow the buffer is
+   searched exactly instead.
+
+Why the candidates are complete: every approximate score s~ obeys |s~ - s| <= eps, so every
+score is at least lo = s~ - eps. If L is the k-th largest lo over the gallery, the exact k-th
+best score is >= L, and a row can only be in the exact top-k (ties included) if s~ + eps >= L.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .dispatch import ANY_DEVICE, HAS_TRITON, register, requires_triton, select
+
+U32 = 2.0 ** -24  # unit roundoff of float32
+U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
+NORM_EPS = 1e-12  # as F.normalize: x / max(|x|, eps), so a zero row scores 0
+MAX_TRITON_K = 128
+CANDIDATE_CAP = 16384  # candidates per query before it is searched exactly instead
+_INT32_MIN = -(2 ** 31)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel: similarity tile and running top-k merge in one program
+# ----------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _proximity_topk_kernel(
+        Q, G, EXCL, KEYS, n_q, N, D, rows_per_split,
+        stride_qm, stride_qd, stride_gn, stride_gd,
+        NORMALIZE: tl.constexpr, HAS_EXCL: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
+    ):
+        # one program: BLOCK_Q queries against gallery rows [split * rows_per_split, +rows_per_split);
+        # it keeps the KP best (score, index) pairs packed in one int64 key, so one max orders by
+        # score and then by lower index, and every key is distinct
+        pid_q = tl.program_id(0)
+        split = tl.program_id(1)
+        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_ok = offs_q < n_q
+        if HAS_EXCL:
+            excl = tl.load(EXCL + offs_q, mask=q_ok, other=-1)
+        slots = tl.arange(0, KP)
+        # distinct empty keys below any real key (a real key is >= -2**63 + 2**55)
+        running = tl.zeros((BLOCK_Q, KP), tl.int64) - 9223372036854775807 + slots[None, :]
+        start = split * rows_per_split
+        end = tl.minimum(start + rows_per_split, N)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < end
+            acc = tl.zeros((BLOCK_Q, BLOCK_N), tl.float32)
+            sq = tl.zeros((BLOCK_N,), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_ok = offs_d < D
+                q = tl.load(Q + offs_q[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                            mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+                g = tl.load(G + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+                            mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                acc = tl.dot(q, tl.trans(g), acc, input_precision="ieee")  # tf32 would void the error bound
+                if NORMALIZE:
+                    sq += tl.sum(g * g, 1)
+            if NORMALIZE:
+                acc = acc / tl.maximum(tl.sqrt(sq), 1e-12)[None, :]
+            bits = acc.to(tl.int32, bitcast=True)
+            ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order as signed int order
+            key = (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - offs_n[None, :]).to(tl.int64)
+            valid = q_ok[:, None] & n_ok[None, :]
+            if HAS_EXCL:
+                valid = valid & (offs_n[None, :] != excl[:, None])
+            key = tl.where(valid, key, -9223372036854775807 - 1)
+            # insertion merge: while a row's best tile key beats its worst kept key, swap them in;
+            # after the first tiles this loop rarely runs, so no tile is sorted
+            best = tl.max(key, 1)
+            worst = tl.min(running, 1)
+            while tl.sum((best > worst).to(tl.int32), 0) > 0:
+                take = best > worst
+                slot = tl.argmin(running, 1)
+                running = tl.where(take[:, None] & (slots[None, :] == slot[:, None]), best[:, None], running)
+                key = tl.where(take[:, None] & (key == best[:, None]), -9223372036854775807 - 1, key)
+                best = tl.max(key, 1)
+                worst = tl.min(running, 1)
+        out = KEYS + (split * n_q + offs_q[:, None]) * KP + tl.arange(0, KP)[None, :]
+        tl.store(out, running, mask=q_ok[:, None])
+
+
+def _decode_keys(keys: torch.Tensor):
+    """int64 keys -> (float32 scores, int64 indices); empty slots decode to index -1 / score NaN-free -inf."""
+    hi = (keys >> 32).to(torch.int32)
+    bits = torch.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
+    scores = bits.view(torch.float32)
+    idx = 0x7FFFFFFF - (keys & 0xFFFFFFFF)
+    empty = keys < -(2 ** 63) + 2 ** 55  # the kernel's distinct empty-slot keys
+    return torch.where(empty, float("-inf"), scores), torch.where(empty, -1, idx)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def scan_triton(q32, g, k, normalize, exclude, n_split=None, empty=torch.empty):
+    """Triton candidate pass: per query the KP best fp32 scores (sorted) and their indices."""
+    n_q, D = q32.shape
+    N = g.shape[0]
+    KP = max(16, _next_pow2(min(2 * k, k + 16)))  # room past k so the completeness check rarely fails
+    BLOCK_Q, BLOCK_N, BLOCK_D = 16, 64, min(64, max(16, _next_pow2(D)))
+    if n_split is None:
+        programs = 4 * torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 2
+        n_split = max(1, min(triton.cdiv(N, BLOCK_N), triton.cdiv(programs, triton.cdiv(n_q, BLOCK_Q))))
+    rows_per_split = triton.cdiv(triton.cdiv(N, n_split), BLOCK_N) * BLOCK_N
+    n_split = triton.cdiv(N, rows_per_split)
+    keys = empty((n_split, n_q, KP), dtype=torch.int64, device=g.device)
+    excl = exclude if exclude is not None else q32
+    _proximity_topk_kernel[(triton.cdiv(n_q, BLOCK_Q), n_split)](
+        q32, g, excl, keys, n_q, N, D, rows_per_split, *q32.stride(), *g.stride(),
+        NORMALIZE=normalize, HAS_EXCL=exclude is not None,
+        BLOCK_Q=BLOCK_Q, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, KP=KP, num_warps=4,
+    )
+    keys = keys.permute(1, 0, 2).reshape(n_q, n_split * KP).sort(dim=1, descending=True).values[:, :KP]
+    return _decode_keys(keys)
+
+
+# ----------------------------------------------------------------------------------------------
+# Error bounds of the candidate formats (all in units of |q| * |g|max for this tile)
+# ----------------------------------------------------------------------------------------------
+def _eps_fp32(D: int) -> float:
+    # fp32 representation of q and of the normalised gallery row: relative <= (D/2 + 6) u each side
+    # (sum of squares gamma_D/2, sqrt, reciprocal, product); fp32 accumulation of D products, any
+    # order: gamma_D <= 1.01 D u. Together < 2 (D + 8) u; 1.001 absorbs second-order terms.
+    eps = 2.0 * (D + 8) * U32 * 1.001
+    if torch.get_float32_matmul_precision() != "highest":
+        # fp32 matmuls may then round inputs to tf32 or bf16: add the bf16 input rounding of both sides
+        eps += 2.0 * U_BF16 + U_BF16 ** 2
+    return eps
+
+
+def _eps_bf16(D: int) -> float:
+    # inputs rounded to bf16: |q_b.g_b - q.g| <= (2 ub + ub^2) |q||g|; products exact in fp32 and
+    # accumulated in fp32 (oneDNN / MKL): gamma_D; result rounded to bf16 by torch.mm: ub |acc|;
+    # fp32 representation of q and of the normalised row as in _eps_fp32
+    return (3.0 * U_BF16 + 5.0 * U_BF16 ** 2 + 2.0 * (D + 8) * U32) * 1.001
+
+
+def _eps_int8(e_q, qn_int8, e_g, gn, D):
+    # q~ = c_q qi, g~ = c_t gi (int8, int32 dot exact):
+    # |q.g - q~.g~| = |(q - q~).g + q~.(g - g~)| <= |q - q~| |g| + |q~| |g - g~|
+    return (e_q * gn + qn_int8 * e_g) * (1.0 + 1e-6) + 1e-12 * (qn_int8 + e_q) * gn
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU (and any-device) blocked candidate pass
+# ----------------------------------------------------------------------------------------------
+def cpu_candidate_format() -> str:
+    """The format the CPU multiplies fastest: bf16 on AMX, int8 on VNNI, else fp32."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except Exception:  # older torch: no capability query, stay exact-format
+        return "fp32"
+    if caps.get("amx_bf16"):
+        return "bf16"
+    if (caps.get("avx512_vnni") or caps.get("avx_vnni") or caps.get("amx_int8")) and hasattr(torch, "_int_mm"):
+        return "int8"
+    return "fp32"
+
+
+class _QueryBlock:
+    """Per query block: query operands, the k best lower bounds so far, and the candidates kept."""
+
+    def __init__(self, q64, rows, fmt, k):
+        self.rows = rows  # global query indices of this block
+        self.k = k
+        qb = q64[rows]
+        self.qn = torch.linalg.vector_norm(qb, dim=1) * (1.0 + 1e-12)  # 1 (0 for a zero query) once normalised
+        self.q32 = qb.to(torch.float32)
+        if fmt == "int8":
+            c = qb.abs().amax(1) / 127.0
+            c = torch.where(c > 0, c, torch.ones_like(c))
+            qi = torch.round(qb / c[:, None])
+            self.c = c
+            self.e = torch.linalg.vector_norm(qb - c[:, None] * qi, dim=1) * (1.0 + 1e-12)
+            self.qn_int8 = torch.linalg.vector_norm(c[:, None] * qi, dim=1) * (1.0 + 1e-12)
+            self.op = qi.to(torch.int8)
+        else:
+            self.op = self.q32.to(torch.bfloat16) if fmt == "bf16" else self.q32
+        n = len(rows)
+        self.best_lo = torch.full((n, k), float("-inf"), dtype=torch.float64, device=q64.device)
+        self.hits: list[tuple] = []  # (local query, gallery index, lo, hi)
+        self.counts = torch.zeros(n, dtype=torch.int64, device=q64.device)
+        self.overflow = torch.zeros(n, dtype=torch.bool, device=q64.device)
+
+    def threshold(self):
+        return torch.where(self.overflow, float("inf"), self.best_lo[:, -1])
+
+
+class _Tile:
+    """A gallery tile in fp32 with its candidate-format operand and the facts its error bound needs."""
+
+    def __init__(self, gt, fmt, normalize, D):
+        self.gf = gt.to(torch.float32)
+        nrm = torch.linalg.vector_norm(self.gf, dim=1)
+        if not bool(torch.isfinite(nrm).all()):
+            raise ValueError("gallery contains NaN or inf (or a row whose norm overflows float32)")
+        rel = (D + 8) * U32
+        # |g| bound: 1 once normalised (F.normalize semantics: 0 for a zero row), else the largest norm
+        self.gn = 1.0 if normalize else float(nrm.max()) * (1.0 + rel)
+        self.scale = 1.0 / nrm.clamp_min(NORM_EPS) if normalize else torch.ones_like(nrm)
+        if fmt == "int8":
+            top = float((self.gf.abs().amax(1) * self.scale).max())
+            # one fp32-representable scale per tile, so the int32 dot itself orders a query's scores
+            self.c = float(np.float32(top / 127.0)) if top > 0 else 1.0
+            r = self.gf * (self.scale / self.c)[:, None]
+            gi = torch.round(r)
+            e_units = torch.linalg.vector_norm(r.sub_(gi), dim=1)  # r - round(r) is exact in fp32
+            # |g - c gi| <= c |r - gi| + |g - c r|, the second term being fp32 scaling error
+            self.e = self.c * float(e_units.max()) * (1.0 + 2 * rel) + 2 * rel * self.gn
+            self.op = gi.to(torch.int8)
+        else:
+            g_op = self.gf * self.scale[:, None] if normalize else self.gf
+            self.op = g_op.to(torch.bfloat16) if fmt == "bf16" else g_op
+
+    def approx(self, block: _QueryBlock, fmt, D):
+        """Approximate scores X (Qb, T) and per query a, eps with score~ = a * X, |score~ - score| <= eps."""
+        if fmt == "int8":
+            return (torch._int_mm(block.op, self.op.T), block.c * self.c,
+                    _eps_int8(block.e, block.qn_int8, self.e, self.gn, D))
+        eps = (_eps_bf16(D) if fmt == "bf16" else _eps_fp32(D)) * block.qn * self.gn + 1e-30
+        return block.op @ self.op.T, torch.ones_like(block.qn), eps
+
+    def approx_fp32(self, block: _QueryBlock, D):
+        """Dense fp32 scores of the whole tile (same bound as the fp32 format)."""
+        X = block.q32 @ self.gf.T
+        X *= self.scale  # (q . g) / |g|: the tile was not normalised for int8 / bf16
+        return X, torch.ones_like(block.qn), _eps_fp32(D) * block.qn * self.gn + 1e-30
+
+    def rescore_fp32(self, block: _QueryBlock, rows, cols, D):
+        """fp32 scores of a few (query, tile row) pairs from the tile in cache, and their error bound."""
+        s = block.q32.index_select(0, rows).mul_(self.gf.index_select(0, cols)).sum(1) * self.scale[cols]
+        return s.to(torch.float64), _eps_fp32(D) * block.qn[rows] * self.gn + 1e-30
+
+
+def _to_x_threshold(t, a, X):
+    """Lowest X that may pass `a * X >= t`, rounded down so the test only ever keeps more."""
+    t = t / a
+    if not X.dtype.is_floating_point:
+        return (t.floor() - 1).clamp(_INT32_MIN, 2 ** 31 - 1).to(X.dtype)
+    margin = t.abs() * torch.finfo(X.dtype).eps + 1e-30  # >= the cast's rounding (half a spacing)
+    return torch.where(torch.isfinite(t), t - margin, t).to(X.dtype)
+
+
+def _sentinel(X):
+    return _INT32_MIN if not X.dtype.is_floating_point else float("-inf")
+
+
+def _merge_best(best, rows, vals, k):
+    """Merge (row, value) pairs, rows ascending, into the per-row k largest values `best` (Qb, k)."""
+    if rows.numel() == 0:
+        return best
+    counts = torch.bincount(rows, minlength=best.shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+    dense = torch.full((best.shape[0], int(counts.max())), float("-inf"), dtype=best.dtype, device=best.device)
+    dense[rows, pos] = vals
+    return torch.cat([best, dense], 1).topk(best.shape[1], dim=1).values
+
+
+GROUP = 32  # gallery rows per group max: one pass over X finds the few groups worth a look
+
+
+def _tile_hits(X, thr):
+    """(row, col) of X >= thr[row], found through group maxima so X is read once."""
+    n_rows, T = X.shape
+    if T % GROUP:
+        return (X >= thr[:, None]).nonzero(as_tuple=True)
+    Xg = X.view(n_rows, T // GROUP, GROUP)
+    hr, hg = (Xg.amax(-1) >= thr[:, None]).nonzero(as_tuple=True)
+    sel_hot, sel_col = (Xg[hr, hg] >= thr[hr][:, None]).nonzero(as_tuple=True)
+    return hr[sel_hot], hg[sel_hot] * GROUP + sel_col
+
+
+def _exclude(X, block, n0, exclude):
+    if exclude is not None:
+        ex = exclude[block.rows] - n0
+        inside = (ex >= 0) & (ex < X.shape[1])
+        X[inside.nonzero(as_tuple=True)[0], ex[inside]] = _sentinel(X)
+
+
+def _scan_block(block, tile, fmt, D, n0, exclude, first):
+    """Fold one tile into the block's candidates and k-th lower bound."""
+    k = block.k
+    X, a, eps = tile.approx(block, fmt, D)
+    _exclude(X, block, n0, exclude)
+    if first and X.shape[1] >= k:
+        # this tile's k-th best lower bound already bounds L from below: without it the first tile
+        # would keep every row
+        L = a * X.topk(k, dim=1).values[:, -1].to(torch.float64) - eps
+    else:
+        L = block.threshold()
+    # a row can reach the top-k only if score >= L, so only if score~ >= L - eps
+    rows, cols = _tile_hits(X, _to_x_threshold(L - eps, a, X))
+    if fmt != "fp32" and rows.numel() > X.numel() // 64:
+        # early tiles, while L is still low: one dense fp32 product beats re-scoring this many hits
+        X, a, eps = tile.approx_fp32(block, D)
+        _exclude(X, block, n0, exclude)
+        rows, cols = _tile_hits(X, _to_x_threshold(L - eps, a, X))
+        fmt = "fp32"
+    if exclude is not None:  # a -inf sentinel passes a -inf threshold
+        keep = cols + n0 != exclude[block.rows][rows]
+        rows, cols = rows[keep], cols[keep]
+    if fmt == "fp32":
+        s, e = a[rows] * X[rows, cols].to(torch.float64), eps[rows]
+    else:  # the coarse bound found the hits; the fp32 bound (~1e-4) decides which stay candidates
+        s, e = tile.rescore_fp32(block, rows, cols, D)
+    lo, hi = s - e, s + e
+    block.best_lo = _merge_best(block.best_lo, rows, lo, k)
+    block.hits.append((rows, cols + n0, lo, hi))
+    block.counts += torch.bincount(rows, minlength=len(block.rows))
+
+
+def _prune(block):
+    """Drop candidates that can no longer reach the top-k; a query still over the cap overflows."""
+    rows, idx, lo, hi = (torch.cat(t) for t in zip(*block.hits))
+    keep = hi >= block.best_lo[:, -1][rows]
+    rows, idx, lo, hi = rows[keep], idx[keep], lo[keep], hi[keep]
+    block.counts = torch.bincount(rows, minlength=len(block.rows))
+    block.overflow |= block.counts > CANDIDATE_CAP
+    keep = ~block.overflow[rows]
+    block.hits = [(rows[keep], idx[keep], lo[keep], hi[keep])]
+
+
+def _scan_tiles(q64, g, k, normalize, exclude, fmt, starts, tile, q_block):
+    """One worker: fold the gallery tiles starting at `starts` into fresh query-block states."""
+    n_q, D = q64.shape
+    blocks = [_QueryBlock(q64, torch.arange(s, min(s + q_block, n_q), device=q64.device), fmt, k)
+              for s in range(0, n_q, q_block)]
+    for t, n0 in enumerate(starts):
+        gt = _Tile(g[n0:n0 + tile], fmt, normalize, D)
+        for block in blocks:
+            _scan_block(block, gt, fmt, D, n0, exclude, first=t == 0)
+            if (t + 1) % 64 == 0 or block.counts.max() > CANDIDATE_CAP:
+                _prune(block)
+    return blocks
+
+
+def _single_threaded(fn, *args):
+    torch.set_num_threads(1)  # OpenMP thread count is per calling thread: this worker only
+    return fn(*args)
+
+
+def scan_blocked(q64, g, k, normalize, exclude, fmt, tile=1024, q_block=1024, workers=None):
+    """Blocked candidate pass: (query index, gallery index) candidate pairs and the overflowed queries.
+
+    Tiles are dealt round-robin to `workers` threads (default torch.get_num_threads()), each running
+    single-threaded ops: on shared cores, many small multi-threaded ops would each wait for a
+    descheduled thread. Each worker keeps its own k-th lower bounds; they are merged at the end.
+    """
+    starts = list(range(0, g.shape[0], tile))
+    workers = max(1, min(workers or torch.get_num_threads(), len(starts))) if g.device.type == "cpu" else 1
+    args = (q64, g, k, normalize, exclude, fmt)
+    if workers == 1:
+        parts = [_scan_tiles(*args, starts, tile, q_block)]
+    else:
+        threads = torch.get_num_threads()
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                parts = list(pool.map(lambda w: _single_threaded(_scan_tiles, *args, starts[w::workers], tile, q_block),
+                                      range(workers)))
+        finally:
+            torch.set_num_threads(threads)  # also restores MKL's process-wide count
+    cand_q, cand_j, overflow = [], [], []
+    for blocks in zip(*parts):  # the same query block from every worker
+        block = blocks[0]
+        block.best_lo = torch.cat([b.best_lo for b in blocks], 1).topk(k, dim=1).values
+        block.hits = [h for b in blocks for h in b.hits]
+        block.overflow = torch.stack([b.overflow for b in blocks]).any(0)
+        _prune(block)
+        rows, idx, _, _ = block.hits[0]
+        cand_q.append(block.rows[rows])
+        cand_j.append(idx)
+        overflow.append(block.overflow)
+    return torch.cat(cand_q), torch.cat(cand_j), torch.cat(overflow)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact stage (float64) shared by both backends
+# ----------------------------------------------------------------------------------------------
+def _exact_rows(g, idx, normalize):
+    rows = g.index_select(0, idx).to(torch.float64)
+    return F.normalize(rows, dim=1, eps=NORM_EPS) if normalize else rows
+
+
+def _exact_pair_scores(q64, g, qi, gi, normalize):
+    """Float64 scores of (query qi[n], gallery row gi[n]) pairs: dot, then divide by the row norm."""
+    rows = g.index_select(0, gi).to(torch.float64)
+    s = rows.mul_(q64.index_select(0, qi)).sum(1)
+    if normalize:  # the same value as F.normalize(row) . q up to float64 rounding
+        s /= torch.linalg.vector_norm(g.index_select(0, gi).to(torch.float64), dim=1).clamp_min(NORM_EPS)
+    return s
+
+
+def exact_topk(q64, g, k, normalize, exclude, tile=8192):
+    """Exact float64 blocked search, ties to the lower index: the fallback and the reference."""
+    n_q = q64.shape[0]
+    best_s = torch.empty((n_q, 0), dtype=torch.float64, device=q64.device)
+    best_j = torch.empty((n_q, 0), dtype=torch.int64, device=q64.device)
+    for n0 in range(0, g.shape[0], tile):
+        j = torch.arange(n0, min(n0 + tile, g.shape[0]), device=q64.device)
+        s = q64 @ _exact_rows(g, j, normalize).T
+        if exclude is not None:
+            s = s.masked_fill(j[None, :] == exclude[:, None], float("-inf"))
+        # earlier rows come first, so a stable sort keeps the lower index first among equal scores
+        s, order = torch.cat([best_s, s], 1).sort(dim=1, descending=True, stable=True)
+        best_s = s[:, :k]
+        best_j = torch.cat([best_j, j.expand(n_q, -1)], 1).gather(1, order[:, :k])
+    return best_s, best_j
+
+
+def rerank_exact(q64, g, k, normalize, exclude, cand_q, cand_j, overflow, chunk=4096):
+    """Exact scores for the candidate pairs, top-k per query; overflowed queries searched exactly."""
+    n_q = q64.shape[0]
+    counts = torch.bincount(cand_q, minlength=n_q)
+    overflow = overflow | (counts > CANDIDATE_CAP) | (counts < k)  # < k cannot happen: a safety net
+    keep = ~overflow[cand_q]
+    cand_q, cand_j = cand_q[keep], cand_j[keep]
+    s = torch.cat([_exact_pair_scores(q64, g, cand_q[i:i + chunk], cand_j[i:i + chunk], normalize)
+                   for i in range(0, cand_q.numel(), chunk)]
+                  or [torch.empty(0, dtype=torch.float64, device=q64.device)])
+    # order by query, then score descending, then index ascending (stable sorts, last key first)
+    order = cand_j.argsort(stable=True)
+    order = order[(-s[order]).argsort(stable=True)]
+    order = order[cand_q[order].argsort(stable=True)]
+    cq, cj, cs = cand_q[order], cand_j[order], s[order]
+    counts = torch.bincount(cq, minlength=n_q)
+    rank = torch.arange(cq.numel(), device=cq.device) - (torch.cumsum(counts, 0) - counts)[cq]
+    top = rank < k
+    scores = torch.empty((n_q, k), dtype=torch.float64, device=q64.device)
+    idx = torch.empty((n_q, k), dtype=torch.int64, device=q64.device)
+    scores[cq[top], rank[top]] = cs[top]
+    idx[cq[top], rank[top]] = cj[top]
+    ov = overflow.nonzero(as_tuple=True)[0]
+    if ov.numel():
+        scores[ov], idx[ov] = exact_topk(q64[ov], g, k, normalize, None if exclude is None else exclude[ov])
+    return scores, idx
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends and the public function
+# ----------------------------------------------------------------------------------------------
+def _queries64(q, normalize):
+    q64 = q.to(torch.float64)
+    return F.normalize(q64, dim=1, eps=NORM_EPS) if normalize else q64
+
+
+def proximity_topk_torch(q, g, k, normalize, exclude, candidates="auto"):
+    """torch backend: blocked candidate pass (int8 / bf16 / fp32) and exact float64 re-rank."""
+    q64 = _queries64(q, normalize)
+    if candidates == "auto":
+        candidates = cpu_candidate_format() if g.device.type == "cpu" else "fp32"
+    if candidates not in ("int8", "bf16", "fp32"):
+        raise ValueError(f"candidates must be 'auto', 'int8', 'bf16' or 'fp32', got {candidates!r}")
+    cand_q, cand_j, overflow = scan_blocked(q64, g, k, normalize, exclude, candidates)
+    return rerank_exact(q64, g, k, normalize, exclude, cand_q, cand_j, overflow)
+
+
+def proximity_topk_triton(q, g, k, normalize, exclude, n_split=None, empty=torch.empty):
+    """triton backend: fused similarity + top-k kernel (fp32), then the exact float64 re-rank."""
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("gallery contains NaN or inf")
+    q64 = _queries64(q, normalize)
+    s, j = scan_triton(q64.to(torch.float32), g, k, normalize, exclude, n_split=n_split, empty=empty)
+    D = g.shape[1]
+    gn = 1.0 if normalize else float(torch.linalg.vector_norm(g.float(), dim=1).max()) * (1 + (D + 8) * U32)
+    eps = _eps_fp32(D) * torch.linalg.vector_norm(q64, dim=1) * (1.0 + 1e-12) * gn + 1e-30
+    s = s.to(torch.float64)
+    L = s[:, k - 1] - eps
+    last = s[:, -1]  # any row outside the buffer scores at most this
+    overflow = (j[:, -1] >= 0) & (last + eps >= L)
+    keep = (j >= 0) & (s + eps[:, None] >= L[:, None])
+    cand_q = torch.arange(q.shape[0], device=g.device)[:, None].expand_as(j)[keep]
+    return rerank_exact(q64, g, k, normalize, exclude, cand_q, j[keep], overflow)
+
+
+register("proximity_topk", "triton", devices=("cuda",), dtypes=(torch.float32, torch.float16, torch.bfloat16),
+         fits=lambda k, n, d: None if k <= MAX_TRITON_K and n < 2 ** 31 else
+         f"k = {k} > {MAX_TRITON_K} or N = {n} >= 2**31",
+         requires=requires_triton, interpretable=True)(proximity_topk_triton)
+register("proximity_topk", "torch", devices=ANY_DEVICE,
+         dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16))(proximity_topk_torch)
+
+
+def _as_tensor(x, name):
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch tensor or numpy array, got {type(x).__name__}")
+    return x
+
+
+def _validate(queries, gallery, k, exclude):
+    q = _as_tensor(queries, "queries")
+    g = _as_tensor(gallery, "gallery")
+    for name, t in (("queries", q), ("gallery", g)):
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (rows, embedding dim), got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"queries have embedding size {q.shape[1]} but gallery has {g.shape[1]}")
+    if q.device != g.device:
+        raise ValueError(f"queries are on {q.device} but gallery is on {g.device}")
+    if not bool(torch.isfinite(q).all()):
+        raise ValueError("queries contain NaN or inf")
+    N = g.shape[0]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
+    if k > N:
+        raise ValueError(f"k = {k} is larger than the gallery size N = {N}")
+    if exclude is not None:
+        exclude = _as_tensor(exclude, "exclude").to(device=g.device)
+        if exclude.dtype.is_floating_point or tuple(exclude.shape) != (q.shape[0],):
+            raise ValueError(f"exclude must be an integer tensor of shape ({q.shape[0]},), "
+                             f"got {exclude.dtype} {tuple(exclude.shape)}")
+        exclude = exclude.to(torch.int64)
+        if bool(((exclude < -1) | (exclude >= N)).any()):
+            raise ValueError(f"exclude values must be gallery indices in [0, {N}) or -1 (none)")
+        if k > N - 1 and bool((exclude >= 0).any()):
+            raise ValueError(f"k = {k} is larger than the N - 1 = {N - 1} gallery rows left after exclude")
+    return q, g, k, exclude
+
+
+@torch.no_grad()
+def proximity_topk(queries, gallery, k, *, normalize=True, exclude=None, backend=None):
+    """The k gallery rows most similar to each query: (scores (Q, k) float32, indices (Q, k) int64).
+
+    Cosine similarity when `normalize` (zero rows score 0), raw inner product otherwise. Sorted by
+    score descending, ties to the lower index; identical to an exact float64 search. `exclude`: an
+    optional (Q,) int64 gallery index to skip per query (-1: none). Accepts torch tensors or numpy
+    arrays; results are on the queries' device (CPU for numpy).
+    """
+    q, g, k, exclude = _validate(queries, gallery, k, exclude)
+    if q.shape[0] == 0:
+        return torch.empty((0, k), dtype=torch.float32, device=g.device), \
+            torch.empty((0, k), dtype=torch.int64, device=g.device)
+    if g.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        g = g.to(torch.float32)
+    impl = select("proximity_topk", g.device, g.dtype, backend, k=k, n=g.shape[0], d=g.shape[1])
+    scores, idx = impl.fn(q, g, k, normalize, exclude)
+    return scores.to(torch.float32), idx
+
+
+def proximity_topk_reference(queries, gallery, k, *, normalize=True, exclude=None):
+    """Exact float64 search (full score matrix in tiles), for tests and benchmarks."""
+    q, g, k, exclude = _validate(queries, gallery, k, exclude)
+    s, j = exact_topk(_queries64(q, normalize), g, k, normalize, exclude)
+    return s.to(torch.float32), j
