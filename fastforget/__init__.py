@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 from fastforget import errors, testbed  # noqa: E402  (light modules)
 from fastforget.identity import IdentityEncoder, load_encoder  # noqa: E402
 from fastforget.models import load  # noqa: E402
+from fastforget.patch import Patch  # noqa: E402
+from fastforget.api import ErasureResult, Report, erase, verify  # noqa: E402
 
 _LAZY = {"kernels": "fastforget.kernels", "svm": "fastforget.svm", "metrics": "fastforget.metrics",
          "export": "fastforget.export"}
@@ -27,5 +29,5 @@ def __getattr__(name):  # heavy or optional subpackages load on first use
     raise AttributeError(f"module 'fastforget' has no attribute {name!r}")
 
 
-__all__ = ["load", "load_encoder", "IdentityEncoder", "errors", "testbed", "kernels", "svm", "metrics", "export",
+__all__ = ["load", "load_encoder", "erase", "verify", "Patch", "ErasureResult", "Report", "IdentityEncoder", "errors", "testbed", "kernels", "svm", "metrics", "export",
            "__version__"]

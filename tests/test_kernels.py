@@ -326,6 +326,12 @@ def gallery_with_ties(n, d, seed=0, dtype=torch.float32):
     return q.to(dtype), g.to(dtype)
 
 
+def exclude_own_best(queries, gallery):
+    """Exclude each even query's exact best row, so skipping it changes the answer; -1 for odd ones."""
+    best = exact_search(queries, gallery, 1)[1][:, 0]
+    return torch.where(torch.arange(len(queries)) % 2 == 0, best, -1)
+
+
 def assert_same_as_exact(result, queries, gallery, k, **kw):
     scores, idx = result
     ref_s, ref_i = exact_search(queries, gallery, k, **kw)
@@ -343,8 +349,8 @@ def assert_public_result_same_as_exact(result, queries, gallery, k, **kw):
 @pytest.mark.parametrize("k", [1, 10, 45])
 def test_cpu_candidate_formats_return_exact_indices(fmt, k):
     q, g = gallery_with_ties(2500, 64, seed=k)  # 3 tiles of 1024, the last one ragged
-    exclude = torch.full((len(q),), -1)
-    exclude[0], exclude[5], exclude[6] = 3, 0, 2499
+    exclude = exclude_own_best(q, g)
+    exclude[1], exclude[3] = 3, 2499  # a tied row, and a row in the ragged last tile
     for excl in (None, exclude):
         assert_same_as_exact(P.proximity_topk_torch(q, g, k, True, excl, candidates=fmt), q, g, k, exclude=excl)
 
@@ -403,7 +409,9 @@ def test_candidate_overflow_falls_back_to_exact(monkeypatch):
     exact = P.exact_topk
     monkeypatch.setattr(P, "exact_topk", lambda *a, **kw: calls.append(1) or exact(*a, **kw))
     monkeypatch.setattr(P, "CANDIDATE_CAP", 64)
-    assert_public_result_same_as_exact(K.proximity_topk(q, g, 5, backend="torch"), q, g, 5)
+    exclude = torch.tensor([700, 0, -1, 3])
+    assert_public_result_same_as_exact(K.proximity_topk(q, g, 5, backend="torch", exclude=exclude), q, g, 5,
+                                       exclude=exclude)
     assert calls, "the overflowed queries were not searched exactly"
 
 
@@ -443,8 +451,8 @@ def test_proximity_rejects_bad_inputs(call, match):
 def test_triton_proximity_returns_exact_indices(k):
     q, g = gallery_with_ties(600, 40, seed=11)  # D = 40: masked loads past the embedding size
     q, g = q[:19].to(DEVICE), g.to(DEVICE)
-    exclude = torch.full((len(q),), -1, device=DEVICE)
-    exclude[0], exclude[4] = 3, 599
+    exclude = exclude_own_best(q.cpu(), g.cpu()).to(DEVICE)
+    exclude[1], exclude[5] = 3, 599  # a tied row; the last row
     # n_split=3: several gallery splits merged; poisoned key buffer: every slot must be written
     result = P.proximity_topk_triton(q, g, k, True, exclude, n_split=3, empty=nan_empty)
     assert_same_as_exact(result, q.cpu(), g.cpu(), k, exclude=exclude.cpu())
@@ -455,7 +463,8 @@ def test_triton_proximity_returns_exact_indices(k):
 def test_triton_proximity_keys_hold_the_best_scores():
     gen = torch.Generator().manual_seed(12)
     q, g = torch.randn(20, 24, generator=gen), torch.randn(300, 24, generator=gen)  # no ties: fp32 orders them
-    scores, idx = P.scan_triton(P._queries64(q, True).float(), g, 4, True, None, n_split=2, empty=nan_empty)
-    ref_s, ref_i = exact_search(q, g, scores.shape[1])
+    exclude = exclude_own_best(q, g)
+    scores, idx = P.scan_triton(P._queries64(q, True).float(), g, 4, True, exclude, n_split=2, empty=nan_empty)
+    ref_s, ref_i = exact_search(q, g, scores.shape[1], exclude=exclude)
     assert torch.equal(idx, ref_i)
     torch.testing.assert_close(scores.double(), ref_s, rtol=0, atol=1e-5)

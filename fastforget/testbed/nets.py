@@ -133,9 +133,3 @@ def scheduler_config() -> dict:
     return dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                 prediction_type="epsilon", steps_offset=1)
 
-
-def vae_config() -> dict:
-    # f=4 KL autoencoder: 32x32x3 <-> 8x8x4 latents, the SD-1.5 VAE's structure at miniature size
-    return dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
-                block_out_channels=(32, 64, 128), sample_size=RESOLUTION,
-                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)

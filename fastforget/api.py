@@ -1,0 +1,263 @@
+"""erase() and verify(): the orchestration every front end (Python, CLI, benchmarks) goes through."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastforget.errors import InputError
+from fastforget.models.arc2face import check_embeddings
+
+log = logging.getLogger("fastforget")
+
+
+# ---------------------------------------------------------------- identities
+def _is_id_list(x) -> bool:
+    if isinstance(x, (int, np.integer)):
+        return True
+    if isinstance(x, (list, tuple, range)) and len(x) and all(isinstance(v, (int, np.integer)) for v in x):
+        return True
+    return isinstance(x, np.ndarray) and x.ndim == 1 and np.issubdtype(x.dtype, np.integer)
+
+
+def to_embeddings(x, encoder=None, name: str = "targets", per_identity: int = 8, seed: int = 0) -> torch.Tensor:
+    """targets / retain in any accepted form -> (N, 512) unit float32.
+
+    Testbed identity ids are rendered `per_identity` times and averaged (a centroid); images
+    (paths, PIL, uint8 arrays) are encoded one identity per image; float arrays are embeddings."""
+    if x is None:
+        return None
+    if _is_id_list(x):
+        from fastforget.testbed import render
+
+        ids = np.atleast_1d(np.asarray(x, dtype=np.int64))
+        if encoder is None:
+            raise InputError(f"{name}: testbed identity ids need an encoder (ff.load_encoder('demo'))")
+        ims, lab = render(ids, per_identity, seed=seed)
+        emb = encoder.encode(ims).view(len(ids), per_identity, -1).mean(1)
+        return F.normalize(emb, dim=1)
+    if isinstance(x, torch.Tensor) or (isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating)
+                                       and x.ndim in (1, 2) and x.shape[-1] != 3):
+        return check_embeddings(x, name=name)
+    if encoder is None:
+        raise InputError(f"{name}: images need an encoder (pass encoder=ff.load_encoder(...))")
+    return check_embeddings(encoder.encode(x), name=name)
+
+
+# ---------------------------------------------------------------- report
+@dataclass
+class Report:
+    metrics: dict
+    details: dict = field(default_factory=dict)
+    grid: np.ndarray | None = None  # uint8 image: before/after generations
+
+    def to_json(self) -> str:
+        return json.dumps({"metrics": self.metrics, **self.details}, indent=2, sort_keys=True, default=float)
+
+    def save(self, directory) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "report.json").write_text(self.to_json())
+        if self.grid is not None:
+            from PIL import Image
+
+            Image.fromarray(self.grid).save(directory / "report.png")
+        return directory
+
+    def table(self) -> str:
+        keys = ["ism_f", "ism_r", "acc_u", "acc_r", "srk", "neighbour_ism", "stranger_ism", "drift"]
+        return "  ".join(f"{k}={self.metrics[k]:.3f}" for k in keys if self.metrics.get(k) is not None)
+
+    def __getitem__(self, k):
+        return self.metrics[k]
+
+
+def _upscale(tiles: np.ndarray, scale: int) -> np.ndarray:
+    return tiles.repeat(scale, axis=-3).repeat(scale, axis=-2) if scale > 1 else tiles
+
+
+def _to_u8(x: torch.Tensor) -> np.ndarray:
+    return ((x.detach().float().permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def _grid(rows: list[np.ndarray], scale: int = 3) -> np.ndarray:
+    """rows: each (k, H, W, 3) uint8 -> one picture, rows stacked, 2-px white gutters."""
+    h, w = rows[0].shape[1:3]
+    ncol = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (h + 2) + 2, ncol * (w + 2) + 2, 3), 255, np.uint8)
+    for i, r in enumerate(rows):
+        for j, t in enumerate(r):
+            canvas[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = t
+    return _upscale(canvas, scale)
+
+
+@torch.no_grad()
+def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0, *, baseline=None,
+           steps: int = 25, guidance: float = 3.0, neighbours: int = 8, strangers=None,
+           target_ids=None, salt: str = "fastforget") -> Report:
+    """Measure how well `targets` are forgotten and `retain` kept (the papers' metrics).
+
+    ISM_f / ISM_r: cosine of generations to the identity's centroid; AccU / AccR: nearest-centroid
+    accuracy among targets ∪ retain (∪ strangers); SRK = AccR / (AccU + 0.01); neighbour ISM:
+    generations from embeddings at cos 0.7–0.9 of a target, scored against the target; stranger
+    ISM: generations of other identities scored against the targets (the floor); drift: mean
+    absolute pixel change (0–1 scale) of retained generations vs `baseline` at the same seeds."""
+    from fastforget.metrics import identity_scores
+    from fastforget.methods.closed_form import neighbours_of
+    from fastforget.models import load
+    from fastforget.patch import fingerprint_embeddings
+
+    model = load(model)
+    if encoder is None:
+        from fastforget.identity import load_encoder
+
+        encoder = load_encoder("demo")
+    t0 = time.perf_counter()
+    tgt = to_embeddings(targets, encoder, "targets", seed=seed)
+    ret = to_embeddings(retain, encoder, "retain", seed=seed) if retain is not None else None
+    strg = to_embeddings(strangers, encoder, "strangers", seed=seed) if strangers is not None else None
+    k = len(tgt)
+    cents = [tgt] + [x for x in (ret, strg) if x is not None]
+    cents = torch.cat(cents)
+    labels_all = torch.arange(len(cents))
+
+    def gen(m, emb, s):
+        return m.generate_tensor(emb.repeat_interleave(n, 0), seed=s, steps=steps, guidance=guidance)
+
+    def enc(x):
+        return encoder.encode_tensor(x)
+
+    metrics, timings = {}, {}
+    ts = time.perf_counter()
+    g_f = gen(model, tgt, seed)
+    timings["generate_targets_s"] = time.perf_counter() - ts
+    s_f = identity_scores(enc(g_f), labels_all[:k].repeat_interleave(n), cents, labels_all)
+    metrics.update(ism_f=s_f["ism"], acc_u=s_f["accuracy"])
+    if ret is not None:
+        g_r = gen(model, ret, seed + 10_000)
+        s_r = identity_scores(enc(g_r), labels_all[k:k + len(ret)].repeat_interleave(n), cents, labels_all)
+        metrics.update(ism_r=s_r["ism"], acc_r=s_r["accuracy"])
+        metrics["srk"] = metrics["acc_r"] / (metrics["acc_u"] + 0.01)
+    else:
+        g_r = None
+        metrics.update(ism_r=None, acc_r=None, srk=None)
+    # neighbours: embeddings at cos 0.7-0.9 of each target, one generation each
+    nb = neighbours_of(tgt, neighbours, (0.7, 0.9), seed=seed + 7)
+    g_nb = model.generate_tensor(nb, seed=seed + 20_000, steps=steps, guidance=guidance)
+    e_nb = enc(g_nb).view(k, neighbours, -1)
+    metrics["neighbour_ism"] = (e_nb * tgt[:, None]).sum(-1).mean().item()
+    if target_ids is not None:  # other photos of the target (testbed renders)
+        from fastforget.testbed import render
+
+        ims, _ = render(np.atleast_1d(target_ids), 4, seed=seed + 99)
+        other = encoder.encode(ims).view(k, 4, -1).mean(1)
+        g_o = model.generate_tensor(F.normalize(other, dim=1), seed=seed + 30_000, steps=steps, guidance=guidance)
+        metrics["other_photo_ism"] = (enc(g_o) * tgt).sum(-1).mean().item()
+    # stranger floor: generations of identities that are not the targets, scored against the targets
+    floor_src = strg if strg is not None else ret
+    if floor_src is None:
+        floor_src = F.normalize(torch.randn(8, tgt.shape[1], generator=torch.Generator().manual_seed(seed + 5)), dim=1)
+    g_s = model.generate_tensor(floor_src, seed=seed + 40_000, steps=steps, guidance=guidance)
+    metrics["stranger_ism"] = (enc(g_s) @ tgt.T).mean().item()
+    grid_rows = []
+    if baseline is not None:
+        baseline = load(baseline)
+        b_f = gen(baseline, tgt, seed)
+        metrics["ism_f_before"] = (enc(b_f).view(k, n, -1) * tgt[:, None]).sum(-1).mean().item()
+        grid_rows += [_to_u8(b_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
+        grid_rows += [_to_u8(g_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
+        if ret is not None:
+            b_r = gen(baseline, ret, seed + 10_000)
+            metrics["drift"] = ((g_r - b_r).abs().mean() / 2).item()
+            metrics["retain_cos_to_before"] = (enc(g_r) * enc(b_r)).sum(-1).mean().item()
+            grid_rows += [_to_u8(b_r[:n]), _to_u8(g_r[:n])]
+        else:
+            metrics["drift"] = None
+    else:
+        metrics["drift"] = None
+        grid_rows = [_to_u8(g_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
+    timings["total_s"] = time.perf_counter() - t0
+    details = {"n_per_identity": n, "steps": steps, "guidance": guidance, "seed": seed, "timings": timings,
+               "targets": fingerprint_embeddings(tgt, salt), "n_retain": 0 if ret is None else len(ret),
+               "grid_rows": "rows 1..k: targets before; then targets after; then retain[0] before / after"
+               if baseline is not None else "targets after"}
+    return Report(metrics, details, _grid(grid_rows) if grid_rows else None)
+
+
+# ---------------------------------------------------------------- erase
+@dataclass
+class ErasureResult:
+    model: object
+    patch: object
+    report: Report | None
+
+    def save(self, directory, overwrite: bool = False) -> Path:
+        """Erased model (self-contained folder) + patch.safetensors + report.json/png, atomically."""
+        from fastforget.io import atomic_directory
+
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            self.model.save_pretrained(tmp / "model")
+            self.patch.save(tmp / "patch.safetensors")
+            if self.report is not None:
+                self.report.save(tmp)
+        return Path(directory)
+
+
+def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encoder=None, seed: int = 0,
+          progress: bool = True, *, preserve="auto", salt: str | None = None, report: bool = True,
+          verify_n: int = 4, **options) -> ErasureResult:
+    """Erase `targets` from `model`; returns ErasureResult(model, patch, report). The input model is
+    not modified: the patch is applied to a copy."""
+    from fastforget.identity import load_encoder
+    from fastforget.identity.anchors import check_request, select_anchors, testbed_gallery
+    from fastforget.methods import ErasureRequest, get_method
+    from fastforget.models import load
+    from fastforget.patch import DEFAULT_SALT
+
+    fit = get_method(method)  # unknown names fail before any work
+    model = load(model)
+    is_testbed = (model.source or "").endswith("testbed") or "testbed" in str(model.source or "")
+    if encoder is None and is_testbed:
+        encoder = load_encoder("demo")
+    elif encoder is not None:
+        encoder = load_encoder(encoder)
+    tgt = to_embeddings(targets, encoder, "targets", seed=seed)
+    ret = to_embeddings(retain, encoder, "retain", seed=seed) if retain is not None else None
+    if isinstance(preserve, str) and preserve == "auto":
+        if is_testbed and encoder is not None:
+            preserve = testbed_gallery(encoder)
+        else:
+            preserve = None
+            log.warning("no preservation set: only `retain` is held fixed; pass preserve= a gallery of "
+                        "embeddings so identities nobody named stay put")
+    elif preserve is not None:
+        preserve = to_embeddings(preserve, encoder, "preserve", seed=seed)
+    check_request(tgt, None, ret)
+    if isinstance(anchor, str) and anchor == "auto":
+        pool = ret if ret is not None and len(ret) >= 4 else preserve if preserve is not None else ret
+        anchors, _ = select_anchors(tgt, pool, seed=seed)
+    else:
+        anchors = check_embeddings(anchor, name="anchor")
+    check_request(tgt, anchors, ret)
+    request = ErasureRequest(tgt, anchors, ret, preserve, salt=salt or DEFAULT_SALT)
+    t0 = time.perf_counter()
+    patch = fit(model, request, seed=seed, progress=progress, **options)
+    fit_s = time.perf_counter() - t0
+    erased = model.clone()
+    patch.apply(erased)
+    rep = None
+    if report:
+        rep = verify(erased, tgt, retain=ret, encoder=encoder, n=verify_n, seed=seed, baseline=model,
+                     target_ids=targets if _is_id_list(targets) and is_testbed else None,
+                     salt=request.salt)
+        rep.details["method"] = method
+        rep.details["fit_seconds"] = fit_s
+        rep.details["patch_fingerprint"] = patch.fingerprint()
+    log.info("erased %d identities with %s in %.2fs (patch %s)", len(tgt), method, fit_s, patch.fingerprint())
+    return ErasureResult(erased, patch, rep)

@@ -1,0 +1,119 @@
+"""Closed-form erasure on attn2 to_k / to_v (the UCE / TIME / MACE family), many identities per solve.
+
+Every attn2 reads the same text-encoder states c, so one D x D map serves all of them:
+
+    min_W  w_e Σ_t ‖W c_t − W0 c_a(t)‖² + w_p Σ_p ‖W c_p − W0 c_p‖² + λ ‖W − W0‖²_F
+    W = W0 · M · A⁻¹,   A = λI + w_e Σ c_t c_tᵀ + w_p Σ c_p c_pᵀ,   M = λI + w_e Σ c_a c_tᵀ + w_p Σ c_p c_pᵀ
+
+summed over ALL tokens of each condition (TIME). Targets come with neighbours (embeddings at
+cosine 0.75–0.95 of the target, as other photos of the person would give), all mapped to the
+target's anchor. The preserved rows are the retained identities, the null condition and — by
+default — a large preservation set, because holding only the few named identities lets
+unnamed ones drift. Solved in float64; milliseconds once the states are computed.
+
+`uce` is the same solver with UCE's settings (erase scale 20, preserve scale 1, λ 0.7, no
+neighbours, only the named retained identities preserved) — the baseline PIU compares to.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastforget import __version__
+from fastforget.errors import InputError
+from fastforget.methods.base import ErasureRequest, attn2_kv_names, register_method
+from fastforget.patch import Patch, fingerprint_embeddings, get_parameter
+
+
+def neighbours_of(targets: torch.Tensor, n: int, cos_range=(0.75, 0.95), seed: int = 0) -> torch.Tensor:
+    """(K*n, 512): unit vectors at a cosine drawn from cos_range to each target (grouped by target)."""
+    if n <= 0:
+        return targets.new_zeros((0, targets.shape[1]))
+    g = torch.Generator().manual_seed(seed)
+    k, d = targets.shape
+    t = targets.repeat_interleave(n, 0)
+    u = torch.randn(k * n, d, generator=g, dtype=torch.float64).to(t.dtype)
+    u = F.normalize(u - (u * t).sum(1, keepdim=True) * t, dim=1)
+    c = torch.empty(k * n, 1).uniform_(*cos_range, generator=g)
+    return F.normalize(c * t + (1 - c ** 2).sqrt() * u, dim=1)
+
+
+@torch.no_grad()
+def _states(model, emb: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    if emb.shape[0] == 0:
+        return torch.zeros(0, model._prompt_ids.shape[1], model.text_width, dtype=torch.float64)
+    return torch.cat([model.condition(emb[i:i + batch]).double().cpu() for i in range(0, len(emb), batch)])
+
+
+@torch.no_grad()
+def _gram(model, emb: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Σ over embeddings and tokens of c cᵀ, accumulated in float64 chunk by chunk."""
+    d = model.text_width
+    g = torch.zeros(d, d, dtype=torch.float64)
+    for i in range(0, len(emb), batch):
+        s = _states(model, emb[i:i + batch]).reshape(-1, d)
+        g += s.T @ s
+    return g
+
+
+def solve_kv_map(model, request: ErasureRequest, *, erase_weight: float, preserve_weight: float, lam: float,
+                 neighbours: int, neighbour_cos, use_preserve: bool, seed: int):
+    """The D x D float64 map T with W_new = W0 T for every attn2 to_k / to_v, and the row counts."""
+    d = model.text_width
+    src = torch.cat([request.targets, neighbours_of(request.targets, neighbours, neighbour_cos, seed)])
+    n_per = 1 + neighbours
+    anchors = torch.cat([request.anchors, request.anchors.repeat_interleave(neighbours, 0)])
+    ct = _states(model, src).reshape(-1, d)
+    ca = _states(model, anchors).reshape(-1, d)
+    keep = [model.null_condition(1).double().cpu().reshape(-1, d)]
+    gp = keep[0].T @ keep[0]
+    n_keep = keep[0].shape[0]
+    if request.retain is not None and len(request.retain):
+        gp += _gram(model, request.retain)
+        n_keep += len(request.retain) * model._prompt_ids.shape[1]
+    if use_preserve and request.preserve is not None and len(request.preserve):
+        gp += _gram(model, request.preserve)
+        n_keep += len(request.preserve) * model._prompt_ids.shape[1]
+    eye = torch.eye(d, dtype=torch.float64)
+    a = lam * eye + erase_weight * (ct.T @ ct) + preserve_weight * gp
+    m = lam * eye + erase_weight * (ca.T @ ct) + preserve_weight * gp
+    # W A = W0 M  ->  T = M A^{-1}; A is symmetric positive definite
+    chol = torch.linalg.cholesky(a)
+    t = torch.cholesky_solve(m.T, chol).T
+    return t, {"target_rows": ct.shape[0], "preserved_rows": n_keep, "rows_per_target": n_per}
+
+
+def _fit(name, model, request, *, seed, progress, defaults, options):
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise InputError(f"{name}: unknown option(s) {sorted(unknown)}; known: {sorted(defaults)}")
+    cfg = {**defaults, **options}
+    tmap, counts = solve_kv_map(model, request, erase_weight=cfg["erase_weight"],
+                                preserve_weight=cfg["preserve_weight"], lam=cfg["lam"],
+                                neighbours=cfg["neighbours"], neighbour_cos=tuple(cfg["neighbour_cos"]),
+                                use_preserve=cfg["use_preserve"], seed=seed)
+    new = {}
+    for pname in attn2_kv_names(model):
+        w0 = get_parameter(model, pname).detach().double().cpu()
+        new[pname] = (w0 @ tmap).to(torch.float32)
+    meta = {"method": name, "config": cfg, "seed": seed, **counts,
+            "targets": fingerprint_embeddings(request.targets, request.salt),
+            "anchors": fingerprint_embeddings(request.anchors, request.salt), "version": __version__}
+    return Patch.from_edit(model, new, meta)
+
+
+CLOSED_FORM_DEFAULTS = {"erase_weight": 1.0, "preserve_weight": 0.05, "lam": 0.1, "neighbours": 16,
+                        "neighbour_cos": [0.75, 0.95], "use_preserve": True}
+UCE_DEFAULTS = {"erase_weight": 20.0, "preserve_weight": 1.0, "lam": 0.7, "neighbours": 0,
+                "neighbour_cos": [0.75, 0.95], "use_preserve": False}
+
+
+@register_method("closed_form")
+def fit_closed_form(model, request: ErasureRequest, *, seed: int = 0, progress: bool = True, **options) -> Patch:
+    return _fit("closed_form", model, request, seed=seed, progress=progress, defaults=CLOSED_FORM_DEFAULTS,
+                options=options)
+
+
+@register_method("uce")
+def fit_uce(model, request: ErasureRequest, *, seed: int = 0, progress: bool = True, **options) -> Patch:
+    return _fit("uce", model, request, seed=seed, progress=progress, defaults=UCE_DEFAULTS, options=options)

@@ -1,0 +1,140 @@
+"""Patch: the named tensors an erasure changed, with metadata. The one object every layer shares.
+
+A patch holds, for each changed parameter (qualified by component: `unet.…`, `text_encoder.…`),
+its new value and its original value. `apply` checks the model still holds the original (so a
+patch cannot land on the wrong model), `revert` restores it exactly. Saved as safetensors with
+the metadata as JSON in the header. Metadata never holds images or raw embeddings: only salted
+fingerprints (see `fingerprint_embeddings`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastforget.errors import InputError, ModelLoadError
+
+FORMAT = "fastforget.patch/1"
+DEFAULT_SALT = "fastforget"
+
+
+def fingerprint_embeddings(emb: torch.Tensor, salt: str = DEFAULT_SALT) -> list[str]:
+    """One salted SHA-256 prefix per embedding (rounded to 1e-4 so float noise does not change it).
+    One-way: it can confirm a known embedding was targeted, never reveal it."""
+    q = np.round(emb.detach().double().cpu().numpy() * 1e4).astype(np.int32)
+    return [hashlib.sha256(salt.encode() + b"\0" + row.tobytes()).hexdigest()[:16] for row in q]
+
+
+def _components(model) -> dict:
+    comps = {"unet": model.unet, "text_encoder": model.text_encoder}
+    if getattr(model, "vae", None) is not None:
+        comps["vae"] = model.vae
+    return comps
+
+
+def get_parameter(model, name: str) -> torch.Tensor:
+    comp, _, rest = name.partition(".")
+    comps = _components(model)
+    if comp not in comps:
+        raise InputError(f"patch tensor {name!r}: unknown component {comp!r} (expected one of {sorted(comps)})")
+    try:
+        return comps[comp].get_parameter(rest)
+    except AttributeError:
+        raise InputError(f"patch tensor {name!r}: the model has no such parameter") from None
+
+
+class Patch:
+    def __init__(self, new: dict, old: dict, metadata: dict | None = None):
+        if set(new) != set(old):
+            raise InputError("patch: new and old tensors must have the same names")
+        self.new = {k: v.detach().cpu().contiguous() for k, v in sorted(new.items())}
+        self.old = {k: v.detach().cpu().contiguous() for k, v in sorted(old.items())}
+        self.metadata = dict(metadata or {})
+
+    @classmethod
+    def from_edit(cls, model, new_values: dict, metadata: dict | None = None) -> "Patch":
+        """A patch that sets `new_values` (name -> tensor) on `model`, whose current values become `old`."""
+        old = {k: get_parameter(model, k).detach().clone() for k in new_values}
+        for k, v in new_values.items():
+            if v.shape != old[k].shape:
+                raise InputError(f"patch tensor {k!r}: shape {tuple(v.shape)} != model's {tuple(old[k].shape)}")
+        new = {k: v.detach().to(old[k].dtype) for k, v in new_values.items()}
+        return cls(new, old, metadata)
+
+    # ------------------------------------------------------------ use
+    @property
+    def names(self) -> list[str]:
+        return list(self.new)
+
+    def num_parameters(self) -> int:
+        return sum(v.numel() for v in self.new.values())
+
+    def apply(self, model, check: bool = True):
+        """Set the new values on `model` in place; returns the model."""
+        with torch.no_grad():
+            for k, v in self.new.items():
+                p = get_parameter(model, k)
+                if check and not torch.equal(p.detach().cpu().to(v.dtype), self.old[k]):
+                    raise InputError(f"patch does not fit this model: {k!r} is not the tensor the patch was made "
+                                     "from (already applied, or another model)")
+            for k, v in self.new.items():
+                get_parameter(model, k).copy_(v)
+        return model
+
+    def revert(self, model):
+        """Restore the original values exactly; returns the model."""
+        with torch.no_grad():
+            for k, v in self.old.items():
+                get_parameter(model, k).copy_(v)
+        return model
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(self.metadata, sort_keys=True, default=str).encode())
+        for k, v in self.new.items():
+            h.update(k.encode())
+            h.update(v.numpy().tobytes() if v.dtype != torch.bfloat16 else v.view(torch.int16).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def delta_norms(self) -> dict:
+        return {k: (self.new[k].float() - self.old[k].float()).norm().item() for k in self.new}
+
+    # ------------------------------------------------------------ files
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        tensors = {f"new/{k}": v for k, v in self.new.items()} | {f"old/{k}": v for k, v in self.old.items()}
+        # one header key: safetensors keeps header metadata in a hash map, so several keys would
+        # come out in a different order each call and the same patch would not give the same bytes
+        header = json.dumps({"format": FORMAT, "metadata": self.metadata}, sort_keys=True, default=str)
+        return save(tensors, metadata={"fastforget": header})
+
+    def save(self, path, overwrite: bool = False) -> Path:
+        from fastforget.io import atomic_write_bytes
+
+        return atomic_write_bytes(path, self.to_bytes(), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path) -> "Patch":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelLoadError(f"patch file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {}).get("fastforget", "{}"))
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: not a readable patch file ({str(exc)[:200]})") from None
+        if header.get("format") != FORMAT:
+            raise ModelLoadError(f"{path}: not a fastforget patch (format {header.get('format')!r})")
+        new = {k[4:]: v for k, v in tensors.items() if k.startswith("new/")}
+        old = {k[4:]: v for k, v in tensors.items() if k.startswith("old/")}
+        return cls(new, old, header.get("metadata", {}))
+
+    def __repr__(self):
+        return (f"Patch(method={self.metadata.get('method')!r}, tensors={len(self.new)}, "
+                f"parameters={self.num_parameters():,}, fingerprint={self.fingerprint()})")
