@@ -420,7 +420,7 @@ def exact_topk(q64, g, k, normalize, exclude, tile=8192):
         j = torch.arange(n0, min(n0 + tile, g.shape[0]), device=q64.device)
         s = q64 @ _exact_rows(g, j, normalize).T
         if exclude is not None:
-            pass
+            s = s.masked_fill(j[None, :] == exclude[:, None], float("-inf"))
         # earlier rows come first, so a stable sort keeps the lower index first among equal scores
         s, order = torch.cat([best_s, s], 1).sort(dim=1, descending=True, stable=True)
         best_s = s[:, :k]

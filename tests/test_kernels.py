@@ -390,6 +390,31 @@ def test_error_bounds_hold(fmt, kind):
         assert err.max() > eps.min() / 1000  # the bound is not vacuous-by-accident: errors exist
 
 
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(n=st.integers(1, 90), d=st.integers(1, 12), n_q=st.integers(1, 6), k_frac=st.floats(0, 1),
+                  dup=st.booleans(), fmt=st.sampled_from(["int8", "bf16", "fp32"]), use_exclude=st.booleans(),
+                  seed=st.integers(0, 2 ** 16))
+def test_small_shapes_match_exact_search(n, d, n_q, k_frac, dup, fmt, use_exclude, seed):
+    # k up to N (or N - 1 with exclude) and tiles smaller than k: the threshold starts at -inf
+    gen = torch.Generator().manual_seed(seed)
+    g, q = torch.randn(n, d, generator=gen), torch.randn(n_q, d, generator=gen)
+    if dup:
+        g[::3] = g[0]
+        q[0] = g[0]
+    exclude = torch.randint(-1, n, (n_q,), generator=gen) if use_exclude else None
+    k = 1 + int(k_frac * (n - 1 - (exclude is not None and bool((exclude >= 0).any()))))
+    if k < 1 or k > n:
+        return
+    q64 = P._queries64(q, True)
+    cq, cj, overflow = P.scan_blocked(q64, g, k, True, exclude, fmt, tile=8, workers=2)
+    result = P.rerank_exact(q64, g, k, True, exclude, cq, cj, overflow)
+    assert_same_as_exact(result, q, g, k, exclude=exclude)
+
+
 def test_many_workers_and_tiles_merge_exactly():
     q, g = gallery_with_ties(3001, 48, seed=7)
     q64 = P._queries64(q, True)
