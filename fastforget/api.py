@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastforget.errors import InputError
-from fastforget.models.arc2face import check_embeddings
+from fastforget.models.arc2face import check_embeddings, to_uint8
 
 log = logging.getLogger("fastforget")
 
@@ -82,11 +82,7 @@ def _upscale(tiles: np.ndarray, scale: int) -> np.ndarray:
     return tiles.repeat(scale, axis=-3).repeat(scale, axis=-2) if scale > 1 else tiles
 
 
-def _to_u8(x: torch.Tensor) -> np.ndarray:
-    return ((x.detach().float().permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
-
-
-def _grid(rows: list[np.ndarray], scale: int = 3) -> np.ndarray:
+def image_grid(rows: list[np.ndarray], scale: int = 3) -> np.ndarray:
     """rows: each (k, H, W, 3) uint8 -> one picture, rows stacked, 2-px white gutters."""
     h, w = rows[0].shape[1:3]
     ncol = max(len(r) for r in rows)
@@ -170,24 +166,24 @@ def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0
         baseline = load(baseline)
         b_f = gen(baseline, tgt, seed)
         metrics["ism_f_before"] = (enc(b_f).view(k, n, -1) * tgt[:, None]).sum(-1).mean().item()
-        grid_rows += [_to_u8(b_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
-        grid_rows += [_to_u8(g_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
+        grid_rows += [to_uint8(b_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
+        grid_rows += [to_uint8(g_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
         if ret is not None:
             b_r = gen(baseline, ret, seed + 10_000)
             metrics["drift"] = ((g_r - b_r).abs().mean() / 2).item()
             metrics["retain_cos_to_before"] = (enc(g_r) * enc(b_r)).sum(-1).mean().item()
-            grid_rows += [_to_u8(b_r[:n]), _to_u8(g_r[:n])]
+            grid_rows += [to_uint8(b_r[:n]), to_uint8(g_r[:n])]
         else:
             metrics["drift"] = None
     else:
         metrics["drift"] = None
-        grid_rows = [_to_u8(g_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
+        grid_rows = [to_uint8(g_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
     timings["total_s"] = time.perf_counter() - t0
     details = {"n_per_identity": n, "steps": steps, "guidance": guidance, "seed": seed, "timings": timings,
                "targets": fingerprint_embeddings(tgt, salt), "n_retain": 0 if ret is None else len(ret),
                "grid_rows": "rows 1..k: targets before; then targets after; then retain[0] before / after"
                if baseline is not None else "targets after"}
-    return Report(metrics, details, _grid(grid_rows) if grid_rows else None)
+    return Report(metrics, details, image_grid(grid_rows) if grid_rows else None)
 
 
 # ---------------------------------------------------------------- erase

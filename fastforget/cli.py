@@ -7,33 +7,18 @@ from pathlib import Path
 
 
 def _grid_png(rows, path, scale: int = 4):
-    """rows: list of lists of uint8 (H, W, 3) tiles -> one PNG, nearest-neighbour upscaled."""
+    """rows: lists of uint8 (H, W, 3) tiles -> one PNG written atomically."""
+    import io
+
     import numpy as np
     from PIL import Image
 
+    from fastforget.api import image_grid
     from fastforget.io import atomic_write_bytes
 
-    h, w = rows[0][0].shape[:2]
-    ncol = max(len(r) for r in rows)
-    pad = 2
-    canvas = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, tile in enumerate(row):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[y:y + h, x:x + w] = tile
-    img = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
-    import io
-
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    Image.fromarray(image_grid([np.stack(r) for r in rows], scale=scale)).save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue(), overwrite=True)
-
-
-def to_uint8(x):
-    """(N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
-    import numpy as np
-
-    return ((x.detach().float().permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
 
 
 def cmd_demo(args) -> int:
@@ -70,6 +55,8 @@ def cmd_demo(args) -> int:
         print(f"{k:>8}  {own:>9.3f}  {other:>10.3f}  {ok:>9.0%}")
     print(f"\noverall: nearest-centroid accuracy {scores['accuracy']:.3f}   ISM {scores['ism']:.3f}   "
           f"stranger ISM {scores['stranger_ism']:.3f}")
+    from fastforget.models.arc2face import to_uint8
+
     g = to_uint8(gen)
     rows = [[probe[i]] + [g[i * per + j] for j in range(per)] for i in range(len(ids))]
     path = _grid_png(rows, out / "demo_grid.png")

@@ -15,6 +15,7 @@ best score is >= L, and a row can only be in the exact top-k (ties included) if 
 """
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -464,6 +465,18 @@ def _queries64(q, normalize):
     return F.normalize(q64, dim=1, eps=NORM_EPS) if normalize else q64
 
 
+@functools.lru_cache(maxsize=None)
+def _int_mm_exact(D: int) -> bool:
+    """Whether torch._int_mm (private) multiplies correctly at inner size D here (CPU, D = 1: it does not)."""
+    gen = torch.Generator().manual_seed(D)
+    a = torch.randint(-127, 128, (3, D), dtype=torch.int8, generator=gen)
+    b = torch.randint(-127, 128, (70, D), dtype=torch.int8, generator=gen)
+    try:
+        return torch.equal(torch._int_mm(a, b.T), a.to(torch.int32) @ b.to(torch.int32).T)
+    except RuntimeError:
+        return False
+
+
 def proximity_topk_torch(q, g, k, normalize, exclude, candidates="auto"):
     """torch backend: blocked candidate pass (int8 / bf16 / fp32) and exact float64 re-rank."""
     q64 = _queries64(q, normalize)
@@ -471,6 +484,8 @@ def proximity_topk_torch(q, g, k, normalize, exclude, candidates="auto"):
         candidates = cpu_candidate_format() if g.device.type == "cpu" else "fp32"
     if candidates not in ("int8", "bf16", "fp32"):
         raise ValueError(f"candidates must be 'auto', 'int8', 'bf16' or 'fp32', got {candidates!r}")
+    if candidates == "int8" and (g.device.type != "cpu" or not _int_mm_exact(g.shape[1])):
+        candidates = "fp32"
     cand_q, cand_j, overflow = scan_blocked(q64, g, k, normalize, exclude, candidates)
     return rerank_exact(q64, g, k, normalize, exclude, cand_q, cand_j, overflow)
 

@@ -103,13 +103,31 @@ def test_same_seed_same_patch(tiny, request_):
     assert not all(torch.equal(a.new[k], c.new[k]) for k in a.names)
 
 
-def test_piu_forget_loss_decreases(tiny, request_):
-    patch = get_method("piu")(tiny, request_, seed=0, progress=False, steps=30, lr=3e-3, micro_batch=4,
-                              accumulation=1, layers="x")
+@torch.no_grad()
+def _forget_objective(model, teacher, target, anchor, n=16):
+    """PIU's forget term (η = 1) on a fixed batch of noisy latents: ‖ε(c_f) − (2 ε*(c_a) − ε*(c_f))‖²."""
+    from fastforget.methods.finetune import _ddpm, _sample_xt
+
+    x, t = _sample_xt(_ddpm(model), model.sample_shape(n), torch.Generator().manual_seed(123))
+    cf, ca = model.condition(target.expand(n, -1)), model.condition(anchor.expand(n, -1))
+    ef = teacher.unet(x, t, encoder_hidden_states=cf).sample
+    ea = teacher.unet(x, t, encoder_hidden_states=ca).sample
+    return F.mse_loss(model.unet(x, t, encoder_hidden_states=cf).sample, 2 * ea - ef).item()
+
+
+@pytest.mark.parametrize("lambda_p,factor", [(0.0, 0.25), (10.0, 0.9)])
+def test_piu_forget_loss_decreases(tiny, lambda_p, factor):
+    req = ErasureRequest(targets=_emb(1, 1), anchors=_emb(1, 2), retain=_emb(3, 3))
+    patch = get_method("piu")(tiny, req, seed=0, progress=False, steps=30, micro_batch=4, accumulation=1,
+                              layers="x", lambda_p=lambda_p)
     forget = patch.metadata["loss"]["forget"]
     assert len(forget) == 30
-    first, last = sum(forget[:5]) / 5, sum(forget[-5:]) / 5
-    assert last < 0.5 * first, (first, last)
+    if lambda_p == 0:  # the training curve itself (noisy: fresh x_t, t, mixes every step)
+        assert sum(forget[-5:]) < factor * sum(forget[:5]), forget
+    erased = patch.apply(tiny.clone())
+    before = _forget_objective(tiny, tiny, req.targets, req.anchors)
+    after = _forget_objective(erased, tiny, req.targets, req.anchors)
+    assert after < factor * before, (before, after)
 
 
 def test_ranking_covers_every_attn2_sorted(tiny):

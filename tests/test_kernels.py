@@ -409,10 +409,19 @@ def test_small_shapes_match_exact_search(n, d, n_q, k_frac, dup, fmt, use_exclud
     k = 1 + int(k_frac * (n - 1 - (exclude is not None and bool((exclude >= 0).any()))))
     if k < 1 or k > n:
         return
+    if fmt == "int8" and not P._int_mm_exact(d):
+        fmt = "fp32"  # what proximity_topk_torch does where torch._int_mm is wrong (d = 1)
     q64 = P._queries64(q, True)
     cq, cj, overflow = P.scan_blocked(q64, g, k, True, exclude, fmt, tile=8, workers=2)
     result = P.rerank_exact(q64, g, k, True, exclude, cq, cj, overflow)
     assert_same_as_exact(result, q, g, k, exclude=exclude)
+
+
+def test_int8_matmul_self_check():
+    assert not P._int_mm_exact(1) or torch.__version__ < "2"  # torch._int_mm on CPU returns garbage for K = 1
+    assert P._int_mm_exact(64)
+    g = torch.randn(50, 1)
+    assert_same_as_exact(P.proximity_topk_torch(g[:3], g, 4, True, None, candidates="int8"), g[:3], g, 4)
 
 
 def test_many_workers_and_tiles_merge_exactly():

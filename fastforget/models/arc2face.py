@@ -49,6 +49,11 @@ def check_embeddings(emb, dim: int = 512, name: str = "embeddings") -> torch.Ten
     return emb / norms[:, None]
 
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    return ((x.detach().float().permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
+
+
 class Codec:
     """Maps images (N,3,H,W) in [-1,1] to the UNet's sample space and back."""
 
@@ -178,8 +183,7 @@ class Arc2FaceModel:
         from PIL import Image
 
         x = self.generate_tensor(embeddings, seed=seed, steps=steps, guidance=guidance, **kw)
-        arr = ((x.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
-        return [Image.fromarray(a) for a in arr]
+        return [Image.fromarray(a) for a in to_uint8(x)]
 
     # ------------------------------------------------------------ persistence
     def save_pretrained(self, directory, overwrite: bool = False) -> Path:
