@@ -403,7 +403,7 @@ def test_small_shapes_match_exact_search(n, d, n_q, k_frac, dup, fmt, use_exclud
     gen = torch.Generator().manual_seed(seed)
     g, q = torch.randn(n, d, generator=gen), torch.randn(n_q, d, generator=gen)
     if dup:
-        g[::3] = g[0]
+        g[::3] = g[0].clone()
         q[0] = g[0]
     exclude = torch.randint(-1, n, (n_q,), generator=gen) if use_exclude else None
     k = 1 + int(k_frac * (n - 1 - (exclude is not None and bool((exclude >= 0).any()))))
