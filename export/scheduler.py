@@ -236,7 +236,8 @@ class DPMSolverMultistepNumpy:
 
     def _lambda(self, i):
         a, s = self._alpha_sigma(self.sigmas[i])
-        return a, s, np.log(a) - np.log(s)
+        with np.errstate(divide="ignore"):  # the final sigma is 0: lambda = inf, as in diffusers
+            return a, s, np.log(a) - np.log(s)
 
     def _first_order(self, m0, sample):
         i = self._step_index

@@ -26,28 +26,32 @@ def _is_id_list(x) -> bool:
     return isinstance(x, np.ndarray) and x.ndim == 1 and np.issubdtype(x.dtype, np.integer)
 
 
-def to_embeddings(x, encoder=None, name: str = "targets", per_identity: int = 8, seed: int = 0) -> torch.Tensor:
-    """targets / retain in any accepted form -> (N, 512) unit float32.
+def identity_sets(x, encoder=None, name: str = "targets", per_identity: int = 8, seed: int = 0):
+    """targets / retain in any accepted form -> list of (k_i, 512) unit embeddings, one per identity.
 
-    Testbed identity ids are rendered `per_identity` times and averaged (a centroid); images
-    (paths, PIL, uint8 arrays) are encoded one identity per image; float arrays are embeddings."""
-    if x is None:
-        return None
+    Testbed identity ids are rendered `per_identity` times (k_i = per_identity); images (paths,
+    PIL, uint8 arrays) are one identity per image; float arrays are embeddings, one per row."""
     if _is_id_list(x):
         from fastforget.testbed import render
 
         ids = np.atleast_1d(np.asarray(x, dtype=np.int64))
         if encoder is None:
             raise InputError(f"{name}: testbed identity ids need an encoder (ff.load_encoder('demo'))")
-        ims, lab = render(ids, per_identity, seed=seed)
-        emb = encoder.encode(ims).view(len(ids), per_identity, -1).mean(1)
-        return F.normalize(emb, dim=1)
+        ims, _ = render(ids, per_identity, seed=seed)
+        return list(encoder.encode(ims).view(len(ids), per_identity, -1))
     if isinstance(x, torch.Tensor) or (isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating)
                                        and x.ndim in (1, 2) and x.shape[-1] != 3):
-        return check_embeddings(x, name=name)
+        return list(check_embeddings(x, name=name)[:, None])
     if encoder is None:
         raise InputError(f"{name}: images need an encoder (pass encoder=ff.load_encoder(...))")
-    return check_embeddings(encoder.encode(x), name=name)
+    return list(check_embeddings(encoder.encode(x), name=name)[:, None])
+
+
+def to_embeddings(x, encoder=None, name: str = "targets", per_identity: int = 8, seed: int = 0) -> torch.Tensor:
+    """One unit embedding per identity (the normalised mean of its set), (N, 512) float32."""
+    if x is None:
+        return None
+    return F.normalize(torch.stack([s.mean(0) for s in identity_sets(x, encoder, name, per_identity, seed)]), dim=1)
 
 
 # ---------------------------------------------------------------- report
@@ -223,7 +227,8 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
         encoder = load_encoder("demo")
     elif encoder is not None:
         encoder = load_encoder(encoder)
-    tgt = to_embeddings(targets, encoder, "targets", seed=seed)
+    target_sets = identity_sets(targets, encoder, "targets", seed=seed)
+    tgt = F.normalize(torch.stack([s.mean(0) for s in target_sets]), dim=1)
     ret = to_embeddings(retain, encoder, "retain", seed=seed) if retain is not None else None
     if isinstance(preserve, str) and preserve == "auto":
         if is_testbed and encoder is not None:
@@ -241,7 +246,8 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
     else:
         anchors = check_embeddings(anchor, name="anchor")
     check_request(tgt, anchors, ret)
-    request = ErasureRequest(tgt, anchors, ret, preserve, salt=salt or DEFAULT_SALT)
+    request = ErasureRequest(tgt, anchors, ret, preserve, salt=salt or DEFAULT_SALT,
+                             extra={"target_sets": target_sets})  # several photos per person, where given
     t0 = time.perf_counter()
     patch = fit(model, request, seed=seed, progress=progress, **options)
     fit_s = time.perf_counter() - t0
