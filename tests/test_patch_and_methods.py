@@ -117,3 +117,15 @@ def test_anchor_rule_and_request_conflicts():
         check_request(t, None, torch.cat([pool[:3], t]))
     with pytest.raises(ConflictError, match="anchor"):
         check_request(t, t.clone(), None)
+
+
+def test_preservation_statistics_cache_follows_text_encoder_edits(tiny):
+    req = _request()
+    a = get_method("closed_form")(tiny, req, seed=0)
+    b = get_method("closed_form")(tiny, req, seed=0)  # served from the cache
+    assert a.to_bytes() == b.to_bytes()
+    m = tiny.clone()
+    with torch.no_grad():
+        m.text_encoder.text_model.final_layer_norm.weight.mul_(1.5)  # an in-place edit must invalidate it
+    c = get_method("closed_form")(m, req, seed=0)
+    assert not torch.equal(next(iter(c.new.values())), next(iter(a.new.values())))

@@ -55,12 +55,22 @@ def check_request(targets: torch.Tensor, anchors: torch.Tensor | None, retain: t
                                 "someone else")
 
 
+_GALLERY_CACHE: dict = {}
+
+
 def testbed_gallery(encoder, n: int = 2000, first_id: int = 900_000, seed: int = 0) -> torch.Tensor:
-    """Embeddings of n testbed identities reserved for preservation (never used by benchmarks)."""
+    """Embeddings of n testbed identities reserved for preservation (never used by benchmarks).
+    Cached per encoder object: erase() calls it on every request."""
     from fastforget.testbed import render
 
+    key = (id(encoder), n, first_id, seed)
+    if key in _GALLERY_CACHE and _GALLERY_CACHE[key][0] is encoder:
+        return _GALLERY_CACHE[key][1]
     out = []
     for i in range(0, n, 500):
         ims, _ = render(range(first_id + i, first_id + min(n, i + 500)), 1, seed=seed + i)
         out.append(encoder.encode(ims))
-    return torch.cat(out)
+    gallery = torch.cat(out)
+    _GALLERY_CACHE.clear()  # one gallery at a time is enough; keeps memory flat
+    _GALLERY_CACHE[key] = (encoder, gallery)
+    return gallery

@@ -3,6 +3,7 @@ from fastforget.methods.base import ErasureRequest, available_methods, get_metho
 
 # built-in methods register themselves on import
 from fastforget.methods import closed_form  # noqa: E402,F401
+from fastforget.methods import bia  # noqa: E402,F401
 
 from fastforget.methods import finetune  # noqa: E402,F401  (piu, esd_x)
 

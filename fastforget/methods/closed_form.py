@@ -45,14 +45,31 @@ def _states(model, emb: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat([model.condition(emb[i:i + batch]).double().cpu() for i in range(0, len(emb), batch)])
 
 
+_GRAM_CACHE: dict = {}
+
+
+def _text_encoder_key(model) -> tuple:
+    # identity of the module plus torch's in-place version counters: any weight edit changes the key
+    return id(model.text_encoder), sum(p._version for p in model.text_encoder.parameters())
+
+
 @torch.no_grad()
 def _gram(model, emb: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Σ over embeddings and tokens of c cᵀ, accumulated in float64 chunk by chunk."""
+    """Σ over embeddings and tokens of c cᵀ, accumulated in float64 chunk by chunk. Cached (MACE's
+    cached preservation statistics): the text encoder is not edited, so the next request reuses it."""
+    import hashlib
+
+    key = (_text_encoder_key(model), hashlib.sha1(emb.detach().cpu().numpy().tobytes()).hexdigest(), len(emb))
+    if key in _GRAM_CACHE:
+        return _GRAM_CACHE[key].clone()
     d = model.text_width
     g = torch.zeros(d, d, dtype=torch.float64)
     for i in range(0, len(emb), batch):
         s = _states(model, emb[i:i + batch]).reshape(-1, d)
         g += s.T @ s
+    if len(_GRAM_CACHE) > 8:
+        _GRAM_CACHE.clear()
+    _GRAM_CACHE[key] = g.clone()
     return g
 
 
