@@ -127,4 +127,8 @@ def test_preservation_statistics_cache_follows_text_encoder_edits(tiny):
     with torch.no_grad():  # same module object, weights edited in place: the cache must not be reused
         tiny.text_encoder.text_model.final_layer_norm.weight.mul_(1.5)
     c = get_method("closed_form")(tiny, req, seed=0)
-    assert not torch.equal(next(iter(c.new.values())), next(iter(a.new.values())))
+    from fastforget.methods import closed_form
+
+    closed_form._GRAM_CACHE.clear()
+    fresh = get_method("closed_form")(tiny, req, seed=0)
+    assert c.to_bytes() == fresh.to_bytes()
