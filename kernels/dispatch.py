@@ -16,11 +16,10 @@ from typing import Callable, Iterator
 import torch
 
 try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
+    import triton
 except ImportError:  # triton is Linux x86-64 only
-    HAS_TRITON = False
+    triton = None
+HAS_TRITON = triton is not None
 
 ENV_VAR = "FASTFORGET_KERNELS"
 CHOICES = ("auto", "triton", "torch")

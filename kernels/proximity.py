@@ -1,11 +1,12 @@
 """Proximity top-k: the k gallery rows most similar (cosine) to each query, without the Q x N score matrix.
 
-The result is exact: identical to a float64 search, ties broken by lower index. Both backends run
-the same two stages:
+The result is exact: identical to a float64 search (rows normalised with F.normalize, one dot
+product per pair), ties broken by lower index. Both backends run the same two stages:
 
 1. a candidate pass over gallery tiles in a fast number format (Triton fp32 on GPU; on CPU int8,
-   bf16 or fp32, whichever the CPU multiplies fastest) that keeps, per query, every row whose
-   score *could* reach the exact top-k given a proven bound on that format's error;
+   bf16 or fp32, whichever the CPU multiplies fastest, int8 / bf16 hits re-scored in fp32 while
+   the tile is in cache) that keeps, per query, every row whose score *could* reach the exact
+   top-k given a proven bound on that format's error;
 2. an exact float64 re-rank of those candidates. A query whose candidates overflow the buffer is
    searched exactly instead.
 
@@ -220,7 +221,7 @@ class _Tile:
         self.gn = 1.0 if normalize else float(nrm.max()) * (1.0 + rel)
         self.scale = 1.0 / nrm.clamp_min(NORM_EPS) if normalize else torch.ones_like(nrm)
         if fmt == "int8":
-            top = float((self.gf.abs().amax(1) * self.scale).max())
+            top = float((torch.maximum(self.gf.amax(1), -self.gf.amin(1)) * self.scale).max())  # no |g| copy
             # one fp32-representable scale per tile, so the int32 dot itself orders a query's scores
             self.c = float(np.float32(top / 127.0)) if top > 0 else 1.0
             r = self.gf * (self.scale / self.c)[:, None]
@@ -312,8 +313,9 @@ def _scan_block(block, tile, fmt, D, n0, exclude, first):
         L = block.threshold()
     # a row can reach the top-k only if score >= L, so only if score~ >= L - eps
     rows, cols = _tile_hits(X, _to_x_threshold(L - eps, a, X))
-    if fmt != "fp32" and rows.numel() > X.numel() // 64:
-        # early tiles, while L is still low: one dense fp32 product beats re-scoring this many hits
+    if fmt != "fp32" and rows.numel() > X.numel() // 160:
+        # early tiles, while L is still low: one dense fp32 product costs about as much as
+        # re-scoring 1/160 of the tile's pairs one by one
         X, a, eps = tile.approx_fp32(block, D)
         _exclude(X, block, n0, exclude)
         rows, cols = _tile_hits(X, _to_x_threshold(L - eps, a, X))
@@ -403,23 +405,29 @@ def _exact_rows(g, idx, normalize):
     return F.normalize(rows, dim=1, eps=NORM_EPS) if normalize else rows
 
 
+# "Exact" means: rows normalised with F.normalize in float64, then one elementwise product summed
+# per (query, row) pair. Unlike a GEMM, whose summation order depends on where a pair lands, this
+# gives equal rows bit-equal scores, so ties go to the lower index everywhere.
 def _exact_pair_scores(q64, g, qi, gi, normalize):
-    """Float64 scores of (query qi[n], gallery row gi[n]) pairs: dot, then divide by the row norm."""
-    rows = g.index_select(0, gi).to(torch.float64)
-    s = rows.mul_(q64.index_select(0, qi)).sum(1)
-    if normalize:  # the same value as F.normalize(row) . q up to float64 rounding
-        s /= torch.linalg.vector_norm(g.index_select(0, gi).to(torch.float64), dim=1).clamp_min(NORM_EPS)
-    return s
+    """Float64 scores of the pairs (query qi[n], gallery row gi[n])."""
+    return _exact_rows(g, gi, normalize).mul_(q64.index_select(0, qi)).sum(1)
 
 
-def exact_topk(q64, g, k, normalize, exclude, tile=8192):
-    """Exact float64 blocked search, ties to the lower index: the fallback and the reference."""
-    n_q = q64.shape[0]
+def exact_topk(q64, g, k, normalize, exclude, elements=1 << 22):
+    """Exact float64 search in gallery tiles, ties to the lower index: the overflow fallback and the reference."""
+    n_q, D = q64.shape
+    per_pass = max(1, elements // (D * 1024))  # queries per pass, so a tile holds >= 1024 rows
+    if n_q > per_pass:
+        parts = [exact_topk(q64[i:i + per_pass], g, k, normalize,
+                            None if exclude is None else exclude[i:i + per_pass], elements)
+                 for i in range(0, n_q, per_pass)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    tile = max(1, elements // max(1, n_q * D))  # (n_q, tile, D) products at a time
     best_s = torch.empty((n_q, 0), dtype=torch.float64, device=q64.device)
     best_j = torch.empty((n_q, 0), dtype=torch.int64, device=q64.device)
     for n0 in range(0, g.shape[0], tile):
         j = torch.arange(n0, min(n0 + tile, g.shape[0]), device=q64.device)
-        s = q64 @ _exact_rows(g, j, normalize).T
+        s = (q64[:, None, :] * _exact_rows(g, j, normalize)[None]).sum(-1)
         if exclude is not None:
             s = s.masked_fill(j[None, :] == exclude[:, None], float("-inf"))
         # earlier rows come first, so a stable sort keeps the lower index first among equal scores
