@@ -103,6 +103,8 @@ class UNetGraph(nn.Module):
 class VAEDecoderGraph(nn.Module):
     """`Codec.decode` for latent models: vae.decode(z / scaling_factor)."""
 
+    exported_prefixes = ("vae.decoder.", "vae.post_quant_conv.")  # the encoder is not in this graph
+
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
@@ -240,7 +242,10 @@ def _initializer_map(module: nn.Module, proto) -> tuple[dict, list, dict]:
         by_digest[d].append(init.name)
     mapping, unmapped = {}, []
     users = defaultdict(list)
+    prefixes = getattr(module, "exported_prefixes", None)
     for name, p in module.named_parameters():
+        if prefixes and not name.startswith(prefixes):
+            continue
         a = p.detach().cpu().numpy()
         d = _digest(a)
         entry = None
@@ -283,6 +288,8 @@ def _export_part(module, args, path: Path, *, input_names, output_names, dynamic
         entry.key, entry.value = k, str(v)
     weight_bytes = sum(int(np.prod(i.dims, dtype=np.int64)) * _elem_size(i.data_type)
                        for i in proto.graph.initializer)
+    mapping, unmapped, shared = _initializer_map(module, proto)  # before saving: that moves data out
+    ops = sorted({n.op_type for n in proto.graph.node})
     use_external = external_data if external_data is not None else weight_bytes > TWO_GB - _EXTERNAL_MARGIN
     location = None
     if use_external:
@@ -293,8 +300,6 @@ def _export_part(module, args, path: Path, *, input_names, output_names, dynamic
         onnx.save_model(proto, str(path))
     shutil.rmtree(scratch)
     onnx.checker.check_model(str(path))  # by path: works for models over 2 GB with external data
-    mapping, unmapped, shared = _initializer_map(module, proto)
-    ops = sorted({n.op_type for n in proto.graph.node})
     return {"file": path.name, "external_data": location, "weight_bytes": weight_bytes, "ops": ops,
             "inputs": {i.name: _io_spec(i) for i in proto.graph.input},
             "outputs": {o.name: _io_spec(o) for o in proto.graph.output},

@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n", type=int, default=25)
     v.add_argument("--out")
     v.set_defaults(func=cmd_verify)
+    from fastforget.export.cli import add_export_parser
+
+    add_export_parser(sub)
     return ap
 
 
