@@ -152,7 +152,6 @@ class Arc2FaceModel:
                         cond: torch.Tensor | None = None, batch_size: int = 64, scheduler=None,
                         progress: bool = False) -> torch.Tensor:
         """Images (N, 3, H, W) in [-1, 1]. Give embeddings, or precomputed `cond` states."""
-        from diffusers import DPMSolverMultistepScheduler
         from tqdm import tqdm
 
         if cond is None:
@@ -161,7 +160,7 @@ class Arc2FaceModel:
         noise = self.initial_noise(n, seed)
         out = []
         for i in tqdm(range(0, n, batch_size), desc="generate", disable=not progress, leave=False):
-            sched = scheduler or DPMSolverMultistepScheduler.from_config(self.scheduler.config)
+            sched = scheduler or type(self.scheduler).from_config(self.scheduler.config)
             sched.set_timesteps(steps)
             c = cond[i:i + batch_size].to(self.device, self.dtype)
             b = c.shape[0]
@@ -247,9 +246,26 @@ def _load_unet(folder: Path):
         raise ModelLoadError(f"{folder}: cannot load UNet2DConditionModel ({str(exc)[:300]})") from None
 
 
+SCHEDULERS = ("DPMSolverMultistepScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "PNDMScheduler",
+              "DDPMScheduler", "EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler")
+
+
+def _load_scheduler(folder: Path, default: str = "DPMSolverMultistepScheduler"):
+    """The scheduler class named in the folder's config (from a fixed list of diffusers classes).
+    An SD-1.5 base folder names PNDM: Arc2Face samples with DPMSolverMultistep, so `default` wins there."""
+    import diffusers
+
+    cfg_file = folder / "scheduler_config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{folder}: no scheduler_config.json")
+    name = json.loads(cfg_file.read_text()).get("_class_name", default)
+    name = name if name in SCHEDULERS and name != "PNDMScheduler" else default
+    return getattr(diffusers, name).from_pretrained(folder, local_files_only=True)
+
+
 def load_arc2face(path, base=None) -> Arc2FaceModel:
     """Load a fastforget folder, or the Arc2Face release layout with `base` = SD-1.5 folder."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
+    from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
     root = Path(path)
@@ -260,7 +276,7 @@ def load_arc2face(path, base=None) -> Arc2FaceModel:
         unet = _load_unet(root / "unet")
         text_encoder = _load_text_encoder(root / "text_encoder")
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-        scheduler = DPMSolverMultistepScheduler.from_pretrained(root / "scheduler", local_files_only=True)
+        scheduler = _load_scheduler(root / "scheduler")
         vae = (AutoencoderKL.from_pretrained(root / "vae", local_files_only=True, torch_dtype=torch.float32,
                                              low_cpu_mem_usage=False)
                if (root / "vae").is_dir() else None)
@@ -277,7 +293,11 @@ def load_arc2face(path, base=None) -> Arc2FaceModel:
         unet = _load_unet(root / "arc2face")
         text_encoder = _load_text_encoder(root / "encoder")
         tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
-        scheduler = DPMSolverMultistepScheduler.from_pretrained(base / "scheduler", local_files_only=True)
+        scheduler = _load_scheduler(base / "scheduler")
+        if type(scheduler).__name__ != "DPMSolverMultistepScheduler":  # Arc2Face's sampler
+            from diffusers import DPMSolverMultistepScheduler
+
+            scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)
         vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True, torch_dtype=torch.float32,
                                             low_cpu_mem_usage=False)
         return Arc2FaceModel(unet, text_encoder, tokenizer, scheduler, vae, source=str(root))

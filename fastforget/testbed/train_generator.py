@@ -29,7 +29,7 @@ from fastforget.testbed.splits import GENERATOR_TRAIN_FIRST_ID
 
 
 def build_untrained(tmp_tokenizer_dir: Path):
-    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from fastforget.models.arc2face import Arc2FaceModel
@@ -38,7 +38,7 @@ def build_untrained(tmp_tokenizer_dir: Path):
     tokenizer = CLIPTokenizer.from_pretrained(tmp_tokenizer_dir, local_files_only=True)
     unet = UNet2DConditionModel(**nets.unet_config())
     text_encoder = CLIPTextModel(CLIPTextConfig(**nets.text_config()))
-    sched = DPMSolverMultistepScheduler(**nets.scheduler_config())
+    sched = nets.sampler()
     model = Arc2FaceModel(unet, text_encoder, tokenizer, sched, unshuffle=nets.UNSHUFFLE, resolution=nets.RESOLUTION)
     return model, DDPMScheduler(**nets.scheduler_config())
 
@@ -71,8 +71,26 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--evaluate-only", action="store_true", help="measure the shipped weights in <out>/generator")
     args = ap.parse_args(argv)
     from fastforget.identity.encoder import TestbedEncoder
+
+    if args.evaluate_only:
+        from fastforget.models import load_arc2face
+
+        model = load_arc2face(Path(args.out) / "generator")
+        encoder = TestbedEncoder.from_file(args.encoder or Path(args.out) / "encoder.safetensors")
+        result = {}
+        for g in (3.0, 5.0):
+            q = evaluate_generator(model, encoder, guidance=g)
+            result[f"guidance_{g:g}"] = q
+            print(f"generator (held-out 50 identities, 25 steps, guidance {g:g}): accuracy={q['accuracy']:.3f} "
+                  f"ISM={q['ism']:.3f} stranger_ISM={q['stranger_ism']:.3f}")
+        qfile = Path(args.out) / "generator" / "quality.json"
+        prev = json.loads(qfile.read_text()) if qfile.is_file() else {}
+        qfile.write_text(json.dumps({**{k: v for k, v in prev.items() if k in ("steps", "train_seconds")},
+                                     **result}, indent=2))
+        return result
 
     torch.manual_seed(args.seed)
     t0 = time.time()
