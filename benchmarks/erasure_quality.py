@@ -34,6 +34,7 @@ def main(argv=None):
     ap.add_argument("--targets", type=int, default=10)
     ap.add_argument("--finetune-targets", type=int, default=1, help="targets erased by piu / esd_x")
     ap.add_argument("--held-out", type=int, default=40)
+    ap.add_argument("--strangers", type=int, default=30, help="extra candidate identities (500..) for AccU / AccR")
     ap.add_argument("--n", type=int, default=4, help="generations per identity")
     ap.add_argument("--steps", type=int, default=25, help="sampling steps")
     ap.add_argument("--piu-steps", type=int, default=400)
@@ -52,7 +53,8 @@ def main(argv=None):
 
     def measure(m, ids, t_emb):
         return ff.verify(m, t_emb, retain=held, encoder=enc, n=args.n, seed=1, steps=args.steps,
-                         baseline=model if m is not model else None, target_ids=ids).metrics
+                         baseline=model if m is not model else None, target_ids=ids,
+                         strangers=list(range(500, 500 + args.strangers))).metrics
 
     rows = []
     base = measure(model, target_ids, tgt)

@@ -27,7 +27,8 @@ def test_identity_is_a_pure_function_of_its_id():
     # rendering an identity alone or in a crowd gives the same canonical face (no nuisance)
     a, _ = ff.testbed.render([42], 1, seed=0, nuisance=0.0)
     b, _ = ff.testbed.render([5, 42], 1, seed=0, nuisance=0.0)
-    assert np.abs(a[0].astype(int) - b[1].astype(int)).max() <= 16  # only sensor noise differs
+    face = (slice(10, 22), slice(10, 22))  # the centre of the face; backgrounds are random per image
+    assert np.abs(a[0][face].astype(int) - b[1][face].astype(int)).max() <= 8  # only sensor noise differs
 
 
 def test_render_rejects_bad_arguments():

@@ -33,6 +33,7 @@ encoder's network (VGG weights cannot be downloaded here), relative to the sourc
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 import warnings
@@ -48,6 +49,9 @@ from fastforget.methods.base import ErasureRequest, register_method
 from fastforget.patch import Patch, fingerprint_embeddings
 
 EMBED_DIM = 512
+# the model's renditions of a target use seeds from here on, away from the seeds verify() generates at
+SOURCE_SEED_OFFSET = 1000
+log = logging.getLogger("fastforget")
 
 BIA_DEFAULTS = {
     "mode": "absorb",             # "absorb" (Patch) | "edit" (images: use bia_edit)
@@ -239,7 +243,7 @@ class HSpace:
             self.unet = unet
             self.null_states = None
             self.codec = getattr(model, "codec", None)
-            self.scheduler_config = (sched.config if sched is not None else DDPMScheduler(num_train_timesteps=1000).config)
+            self.scheduler_config = (sched if sched is not None else DDPMScheduler(num_train_timesteps=1000)).config
             ss = unet.config.sample_size
             self.resolution = int(ss if isinstance(ss, int) else ss[0])
             self.model = model
@@ -336,10 +340,11 @@ class HSpace:
     @torch.no_grad()
     def generate_from(self, x_t: torch.Tensor, t0: int, steps: int, delta: torch.Tensor | None = None,
                       asymmetric: bool = True, chunk: int = 64, progress: bool = False,
-                      desc: str = "bia decode") -> torch.Tensor:
+                      desc: str = "bia decode", decode: bool = True) -> torch.Tensor:
         """Asyrp's generative process from x_t0 to 0 with the mid-block output shifted by `delta`
         (one row per output, or None) at every step. Asymmetric: x0 from the edited ε, the direction
-        term from the original ε (one batched call for both). Returns images in [-1, 1]."""
+        term from the original ε (one batched call for both). Returns images in [-1, 1] (the UNet's
+        samples when decode=False)."""
         from tqdm import tqdm
 
         seq = self.timesteps(t0, steps)[::-1]
@@ -364,7 +369,7 @@ class HSpace:
                     a, a_p = self.abar(t), self.abar(t_prev)
                     x0 = (x - (1 - a).sqrt() * eps_e) / a.sqrt()
                     x = a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps_o
-                outs.append(self.decode(x))
+                outs.append(self.decode(x) if decode else x)
         return torch.cat(outs)
 
 
@@ -496,22 +501,30 @@ def _margins(cfg: dict, n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def push_codes(hs: HSpace, region: Region, deltas: torch.Tensor, source: torch.Tensor, encoder, cfg: dict,
-               gen: torch.Generator, x_t0: torch.Tensor | None = None, progress: bool = False) -> dict:
+               gen: torch.Generator, x_t0: torch.Tensor | None = None, own: torch.Tensor | None = None,
+               progress: bool = False) -> dict:
     """Push codes h_r + deltas across the boundary: Δ = distance to cross + margin·R along the normal,
-    decoded asymmetrically; halve Δ while the wrapper loss exceeds its threshold (≤ `halvings` times)."""
+    decoded asymmetrically from `x_t0` (default: the region's source); Δ is halved while the wrapper
+    loss to `source` exceeds its threshold (at most `halvings` times).
+
+    `own`: the code h − h_r that decoding from `x_t0` already produces (another image's inversion),
+    so the mid-block shift applied is deltas − own + Δ·normal; zero for the region's own x_t0.
+    Returns images, accepted / crossed flags, wrapper_loss, push (Δ, h units), tries, identity_cos
+    (to the region's reference), shift (the applied mid-block shifts) and positions (final codes − h_r)."""
     x_t0 = region.x_t0 if x_t0 is None else x_t0
     n = len(deltas)
     dist = torch.from_numpy(region.outside_distance(deltas))
     push = (dist.neg().clamp_min(0) + _margins(cfg, n, gen) * region.radius).float()
     normal = region.normal.reshape(1, -1)
     flat = deltas.reshape(n, -1).float()
+    base = flat if own is None else flat - own.reshape(-1, flat.shape[1]).float()
     images = None
     loss = torch.full((n,), float("inf"))
     accepted = torch.zeros(n, dtype=torch.bool)
     tries = torch.zeros(n, dtype=torch.int64)
     todo = torch.arange(n)
     for attempt in range(cfg["halvings"] + 1):
-        d = (flat[todo] + push[todo, None] * normal).view(len(todo), *region.h_r.shape[1:])
+        d = (base[todo] + push[todo, None] * normal).view(len(todo), *region.h_r.shape[1:])
         imgs = hs.generate_from(x_t0, cfg["t0"], cfg["decode_steps"], d, asymmetric=cfg["asymmetric"],
                                 chunk=cfg["chunk"], progress=progress, desc="bia push")
         lw = wrapper_loss(encoder, imgs, source, cfg["mse_weight"], cfg["perceptual_weight"])
@@ -527,8 +540,10 @@ def push_codes(hs: HSpace, region: Region, deltas: torch.Tensor, source: torch.T
     final = flat + push[:, None] * normal
     crossed = torch.from_numpy(region.outside_distance(final)) > 0
     cos = _encode_images(encoder, images) @ region.reference
+    shape = region.h_r.shape[1:]
     return {"images": images, "accepted": accepted, "wrapper_loss": loss, "push": push, "tries": tries,
-            "crossed": crossed, "identity_cos": cos, "deltas": final.view(n, *region.h_r.shape[1:])}
+            "crossed": crossed, "identity_cos": cos, "shift": (base + push[:, None] * normal).view(n, *shape),
+            "positions": final.view(n, *shape)}
 
 
 # ================================================================ sources
@@ -548,7 +563,8 @@ def _as_sources(hs: HSpace, x, cfg: dict, seed: int) -> tuple[torch.Tensor, str]
     if isinstance(x, torch.Tensor) and x.ndim in (3, 4):
         t = x[None] if x.ndim == 3 else x
         if t.shape[1] != 3 or not torch.is_floating_point(t) or not torch.isfinite(t).all():
-            raise InputError(f"bia: image tensors must be float (N, 3, H, W) in [-1, 1], got {tuple(t.shape)} {t.dtype}")
+            raise InputError(f"bia: image tensors must be finite float (N, 3, H, W) in [-1, 1], "
+                             f"got {tuple(t.shape)} {t.dtype}")
         t = t.float().cpu().clamp(-1, 1)
     else:
         arrs = as_image_batch(x, name="image_or_embedding")
@@ -627,6 +643,20 @@ def _trainable_params(unet, names: list[str]) -> dict:
     return params
 
 
+def _contiguous_group_norm_inputs(unet, names: list[str]) -> None:
+    """Workaround for a CPU crash in torch: GroupNorm backward on a channels-last input that does not
+    require grad (while the norm's weight does) segfaults (seen with torch 2.13 on UNet2DModel, whose
+    attention blocks hand channels-last tensors to the next resnet). Inputs of the trainable GroupNorms
+    are made contiguous; the values are unchanged."""
+    def pre(module, args):
+        return (args[0].contiguous(),) + tuple(args[1:])
+
+    for m in names:
+        for mod in unet.get_submodule(m).modules():
+            if isinstance(mod, torch.nn.GroupNorm):
+                mod.register_forward_pre_hook(pre)
+
+
 def _check_request(request: ErasureRequest) -> None:
     t = request.targets
     if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[1] != EMBED_DIM or len(t) == 0:
@@ -658,6 +688,7 @@ def fit_bia(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
     timings = {}
     encoder = _load_encoder(cfg["encoder"])
     hs = HSpace(model)
+    _trainable_params(hs.unet, cfg["trainable"])  # unknown module names fail before any work
     device = hs.device
     gen = torch.Generator().manual_seed(seed)
     n_src = cfg["n_sources"]
@@ -680,7 +711,8 @@ def fit_bia(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
         for i in range(n_targets):
             emb = request.targets[i:i + 1].repeat(n_src, 1)
             with torch.no_grad():
-                groups.append(hs.model.generate_tensor(emb, seed=seed + 97 * i, steps=cfg["source_steps"],
+                groups.append(hs.model.generate_tensor(emb, seed=seed + SOURCE_SEED_OFFSET + 97 * i,
+                                                       steps=cfg["source_steps"],
                                                        guidance=cfg["source_guidance"]).float().cpu())
     timings["sources_s"] = time.perf_counter() - t_start
 
@@ -699,8 +731,9 @@ def fit_bia(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
             # other sources: their own code, pushed along the same normal (Asyrp: h-space directions are
             # shared across images), by their distance to the boundary measured relative to h_r
             d0 = (hs.code(x_t0, cfg["t0"]).cpu() - region.h_r) if j else torch.zeros_like(region.h_r)
-            res = push_codes(hs, region, d0, group[j:j + 1], encoder, cfg, gen, x_t0=x_t0, progress=progress)
-            shift = res["deltas"] - d0
+            res = push_codes(hs, region, d0, group[j:j + 1], encoder, cfg, gen, x_t0=x_t0, own=d0,
+                             progress=progress)
+            shift = res["shift"]
             pushed_src.append({"accepted": bool(res["accepted"][0]), "crossed": bool(res["crossed"][0]),
                                "cos_before": round(float(_encode_images(encoder, group[j:j + 1])[0]
                                                          @ region.reference), 4),
@@ -717,7 +750,7 @@ def fit_bia(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
             res = push_codes(hs, region, deltas, group[:1], encoder, cfg, gen, progress=progress)
             for r, j in enumerate(pick_in):
                 erase_items.append(dict(a=region.images[j:j + 1], b=res["images"][r:r + 1], delta=deltas[r:r + 1],
-                                        shift=res["deltas"][r:r + 1] - deltas[r:r + 1], target=None))
+                                        shift=res["shift"][r:r + 1] - deltas[r:r + 1], target=None))
             summ["inside_accepted"] = round(float(res["accepted"].float().mean()), 4)
             summ["inside_cos_after"] = round(float(res["identity_cos"].mean()), 4)
         pick_out = outside[torch.randperm(len(outside), generator=gen)[:cfg["absorb_codes"]].numpy()] \
@@ -767,6 +800,7 @@ def fit_bia(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
     params = _trainable_params(student, cfg["trainable"])
     for t in params.values():
         t.requires_grad_(True)
+    _contiguous_group_norm_inputs(student, cfg["trainable"])
     opt = torch.optim.AdamW(list(params.values()), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     n_e = max(1, cfg["batch"] // 2) if keep_items else cfg["batch"]
     n_k = cfg["batch"] - n_e if keep_items else 0
@@ -830,11 +864,11 @@ def fit_bia(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
                 eps_sk = hs.call(student, xk, tk.to(device), sk, hook=s_hook, delta=dk)
                 loss_k = ((1 - abk) * (eps_sk - eps_tk) ** 2).mean()
                 loss = loss + cfg["preserve_weight"] * loss_k
-                history["keep"].append(round(float(loss_k), 7))
+                history["keep"].append(round(float(loss_k.detach()), 7))
             loss.backward()
             opt.step()
-            history["erase"].append(round(float(loss_e), 7))
-            bar.set_postfix(erase=f"{float(loss_e):.4f}", keep=f"{history['keep'][-1]:.4f}" if n_k else "-")
+            history["erase"].append(round(float(loss_e.detach()), 7))
+            bar.set_postfix(erase=f"{history['erase'][-1]:.4f}", keep=f"{history['keep'][-1]:.4f}" if n_k else "-")
     bar.close()
     timings["train_s"] = time.perf_counter() - t3
 
@@ -852,5 +886,7 @@ def fit_bia(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
             "version": __version__, "trainable_modules": cfg["trainable"],
             "trainable_parameters": sum(t.numel() for t in params.values()),
             "regions": regions, "erase_items": len(erase_items), "keep_items": len(keep_items),
-            "loss": history, "timings": {k: round(v, 3) for k, v in timings.items()}}
+            "loss": history}
+    # wall-clock times go to the log, not the metadata: the same seed must give the same patch bytes
+    log.info("bia: %s", ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
     return Patch.from_edit(model, new, meta)
