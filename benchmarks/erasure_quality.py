@@ -36,6 +36,7 @@ def main(argv=None):
     ap.add_argument("--held-out", type=int, default=40)
     ap.add_argument("--strangers", type=int, default=30, help="extra candidate identities (500..) for AccU / AccR")
     ap.add_argument("--n", type=int, default=4, help="generations per identity")
+    ap.add_argument("--neighbours", type=int, default=8, help="neighbour embeddings per target (cos 0.7-0.9)")
     ap.add_argument("--steps", type=int, default=25, help="sampling steps")
     ap.add_argument("--piu-steps", type=int, default=400)
     ap.add_argument("--esd-steps", type=int, default=1000)
@@ -54,7 +55,7 @@ def main(argv=None):
     def measure(m, ids, t_emb):
         return ff.verify(m, t_emb, retain=held, encoder=enc, n=args.n, seed=1, steps=args.steps,
                          baseline=model if m is not model else None, target_ids=ids,
-                         strangers=list(range(500, 500 + args.strangers))).metrics
+                         strangers=list(range(500, 500 + args.strangers)), neighbours=args.neighbours).metrics
 
     rows = []
     base = measure(model, target_ids, tgt)
