@@ -51,6 +51,8 @@ from fastforget.patch import Patch, fingerprint_embeddings
 EMBED_DIM = 512
 # the model's renditions of a target use seeds from here on, away from the seeds verify() generates at
 SOURCE_SEED_OFFSET = 1000
+# neighbours decoded per radius probe when every neighbour fell on one side of tau
+PROBE_NEIGHBOURS = 16
 log = logging.getLogger("fastforget")
 
 BIA_DEFAULTS = {
@@ -431,6 +433,8 @@ class Region:
     images: torch.Tensor        # (M, 3, H, W) decoded neighbours
     accuracy: float
     label_rule: str
+    fraction_above_tau: float = float("nan")   # before any median fallback
+    probes: list | None = None                  # radius probes: [{radius, fraction_similar}]
 
     @property
     def normal(self) -> torch.Tensor:
@@ -447,7 +451,9 @@ class Region:
         return {"svm_accuracy": round(self.accuracy, 4), "fraction_similar": round(float(self.labels.mean()), 4),
                 "radius": round(self.radius, 5), "h_norm": round(float(self.h_r.norm()), 4),
                 "source_inside_distance": round(float(-self.outside_distance(torch.zeros(1, self.w.size))[0]), 5),
-                "label_rule": self.label_rule, "cos_mean": round(float(self.cos.mean()), 4)}
+                "label_rule": self.label_rule, "fraction_above_tau": round(self.fraction_above_tau, 4),
+                "cos_mean": round(float(self.cos.mean()), 4), "cos_min": round(float(self.cos.min()), 4),
+                "radius_probes": self.probes or []}
 
 
 def build_region(hs: HSpace, source: torch.Tensor, encoder, cfg: dict, *, seed: int, progress: bool = False,
@@ -459,22 +465,28 @@ def build_region(hs: HSpace, source: torch.Tensor, encoder, cfg: dict, *, seed: 
     x_t0 = hs.invert(z0, cfg["t0"], cfg["inversion_steps"])
     h_r = hs.code(x_t0, cfg["t0"])
     reference = _encode_images(encoder, source)[0]
-    base = cfg["radius_max"] * (float(h_r.norm()) if cfg["radius_units"] == "relative" else 1.0)
-    radius = base
+    radius = cfg["radius_max"] * (float(h_r.norm()) if cfg["radius_units"] == "relative" else 1.0)
     rule = "tau"
-    for attempt in range(cfg["rebalance_tries"] + 1):
-        nb = sample_neighbors(h_r.cpu(), cfg["neighbours"], cfg["sigma"], radius, seed=seed + 1000 * attempt)
-        deltas = torch.from_numpy(nb) - h_r.reshape(1, -1).cpu()
-        imgs = hs.generate_from(x_t0, cfg["t0"], cfg["decode_steps"], deltas.view(-1, *h_r.shape[1:]),
-                                asymmetric=cfg["asymmetric"], chunk=cfg["chunk"], progress=progress,
-                                desc="bia neighbours")
-        cos = (_encode_images(encoder, imgs) @ reference).numpy()
-        labels = (cos > cfg["tau"]).astype(np.int64)
-        frac = labels.mean()
-        if 0 < frac < 1:
+
+    def decode_and_label(n, r, s):
+        nb = sample_neighbors(h_r.cpu(), n, cfg["sigma"], r, seed=s)
+        d = torch.from_numpy(nb) - h_r.reshape(1, -1).cpu()
+        im = hs.generate_from(x_t0, cfg["t0"], cfg["decode_steps"], d.view(-1, *h_r.shape[1:]),
+                              asymmetric=cfg["asymmetric"], chunk=cfg["chunk"], progress=progress,
+                              desc="bia neighbours")
+        c = (_encode_images(encoder, im) @ reference).numpy()
+        return d, im, c, (c > cfg["tau"]).astype(np.int64)
+
+    # one class only: widen (all similar) or narrow (none) the ball, probing with a few neighbours
+    probes = []
+    for attempt in range(cfg["rebalance_tries"]):
+        *_, lab = decode_and_label(min(PROBE_NEIGHBOURS, cfg["neighbours"]), radius, seed + 1000 * (attempt + 1))
+        probes.append({"radius": round(radius, 5), "fraction_similar": round(float(lab.mean()), 4)})
+        if 0 < lab.mean() < 1:
             break
-        if attempt < cfg["rebalance_tries"]:  # one class only: widen (all similar) or narrow (none) the ball
-            radius = radius * (2.0 if frac == 1 else 0.5)
+        radius = radius * (2.0 if lab.mean() == 1 else 0.5)
+    deltas, imgs, cos, labels = decode_and_label(cfg["neighbours"], radius, seed)
+    frac_tau = float(labels.mean())
     if labels.min() == labels.max():
         # last resort: split at the median cosine, so the boundary still separates the more from the less similar
         warnings.warn(f"bia: all {len(labels)} neighbours fell on one side of tau={cfg['tau']} (cosines "
@@ -492,7 +504,7 @@ def build_region(hs: HSpace, source: torch.Tensor, encoder, cfg: dict, *, seed: 
     if svm.classes_[1] != 1:  # decision > 0 means "similar"
         w, b = -w, -b
     acc = float(svm.score(X, labels))
-    return Region(x_t0, h_r.cpu(), reference, radius, w, b, deltas, labels, cos, imgs, acc, rule)
+    return Region(x_t0, h_r.cpu(), reference, radius, w, b, deltas, labels, cos, imgs, acc, rule, frac_tau, probes)
 
 
 def _margins(cfg: dict, n: int, gen: torch.Generator) -> torch.Tensor:
