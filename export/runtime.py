@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ._compat import FORMAT, TRT_FORMAT, check_embeddings_np, error, pixel_shuffle, read_manifest
-from .scheduler import DPMSolverMultistepNumpy
+from .scheduler import make_scheduler
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -129,7 +129,7 @@ class OnnxPipeline:
         for i in range(0, n, bs):
             c = cond[i:i + bs]
             b = c.shape[0]
-            sched = DPMSolverMultistepNumpy(self.manifest["scheduler"])
+            sched = make_scheduler(self.manifest["scheduler"])
             sched.set_timesteps(steps)
             z = noise[i:i + bs] * np.float32(sched.init_noise_sigma)
             states = np.concatenate([self.null_condition(b), c]) if use_cfg else c

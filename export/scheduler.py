@@ -320,3 +320,63 @@ class DPMSolverMultistepNumpy:
             self.lower_order_nums += 1
         self._step_index += 1
         return prev.astype(out_dtype, copy=False)
+
+
+class DDIMNumpy:
+    """diffusers' DDIMScheduler with eta = 0 in numpy (the testbed's pixel-space sampler: x0 clipped to
+    [-clip_sample_range, clip_sample_range] when clip_sample). Same interface as DPMSolverMultistepNumpy."""
+
+    init_noise_sigma = 1.0
+    order = 1
+
+    def __init__(self, config: dict | None = None):
+        cfg = {"clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True, "steps_offset": 0,
+               "timestep_spacing": "leading", "prediction_type": "epsilon", "num_train_timesteps": 1000,
+               "thresholding": False}
+        cfg.update({k: v for k, v in dict(config or {}).items() if not k.startswith("_")})
+        if cfg["prediction_type"] != "epsilon" or cfg["thresholding"]:
+            raise _error("scheduler: the numpy DDIM supports epsilon prediction without thresholding")
+        self.config = cfg
+        # the same beta schedule code as the DPM-Solver (one place builds alphas_cumprod)
+        self.alphas_cumprod = DPMSolverMultistepNumpy(
+            {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+             if k in cfg}).alphas_cumprod
+        self.final_alpha_cumprod = F32(1.0) if cfg["set_alpha_to_one"] else self.alphas_cumprod[0]
+        self.timesteps = None
+
+    def set_timesteps(self, num_inference_steps: int) -> np.ndarray:
+        n_train, steps = int(self.config["num_train_timesteps"]), int(num_inference_steps)
+        if steps < 1:
+            raise _error(f"scheduler: steps must be >= 1, got {num_inference_steps}")
+        spacing = self.config["timestep_spacing"]
+        if spacing == "leading":
+            ts = (np.arange(0, steps) * (n_train // steps)).round()[::-1].astype(np.int64) + int(self.config["steps_offset"])
+        elif spacing == "trailing":
+            ts = np.round(np.arange(n_train, 0, -n_train / steps)).astype(np.int64) - 1
+        elif spacing == "linspace":
+            ts = np.linspace(0, n_train - 1, steps).round()[::-1].astype(np.int64)
+        else:
+            raise _error(f"scheduler: timestep_spacing {spacing!r} is not supported")
+        self.num_inference_steps, self.timesteps = steps, ts
+        return ts
+
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray) -> np.ndarray:
+        t = int(timestep)
+        prev_t = t - int(self.config["num_train_timesteps"]) // self.num_inference_steps
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        x0 = (sample - np.sqrt(F32(1) - a_t) * model_output) / np.sqrt(a_t)
+        if self.config["clip_sample"]:
+            r = F32(self.config["clip_sample_range"])
+            x0 = np.clip(x0, -r, r)
+        return (np.sqrt(a_prev) * x0 + np.sqrt(F32(1) - a_prev) * model_output).astype(np.float32)
+
+
+def make_scheduler(config: dict):
+    """The numpy sampler matching the exported model's diffusers scheduler class."""
+    name = dict(config or {}).get("_class_name", "DPMSolverMultistepScheduler")
+    if name == "DDIMScheduler":
+        return DDIMNumpy(config)
+    if name == "DPMSolverMultistepScheduler":
+        return DPMSolverMultistepNumpy(config)
+    raise _error(f"scheduler: {name} has no numpy implementation (supported: DPMSolverMultistep, DDIM)")

@@ -448,3 +448,25 @@ def test_cli_export_with_firewall_bank(shuffle_model, tmp_path, capsys):
         with pytest.raises(BackendUnavailableError):
             _cli([str(folder), "--out", str(tmp_path / "t"), "--format", "tensorrt"])
         assert not (tmp_path / "t").exists()
+
+
+def test_numpy_ddim_matches_diffusers_for_the_testbed_sampler():
+    """The testbed samples with DDIM + x0 clipping; the ONNX runtime must take the same steps."""
+    from fastforget.export.scheduler import DDIMNumpy, make_scheduler
+    from fastforget.testbed.nets import sampler
+
+    ref = sampler()
+    cfg = {**dict(ref.config), "_class_name": "DDIMScheduler"}
+    ours = make_scheduler(cfg)
+    assert isinstance(ours, DDIMNumpy)
+    ref.set_timesteps(25)
+    ours.set_timesteps(25)
+    assert np.array_equal(ours.timesteps, ref.timesteps.numpy())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 12, 16, 16)).astype(np.float32)
+    xt = torch.from_numpy(x.copy())
+    for t in ours.timesteps:
+        eps = (0.9 * x + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)  # a plausible model output
+        x = ours.step(eps, t, x)
+        xt = ref.step(torch.from_numpy(eps), int(t), xt).prev_sample
+        assert np.allclose(x, xt.numpy(), atol=1e-4)
