@@ -5,6 +5,7 @@ insightface ArcFace ONNX models both implement it.
 """
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
 
@@ -64,14 +65,15 @@ def as_image_batch(images, name: str = "images") -> list[np.ndarray]:
     return out
 
 
-class IdentityEncoder:
+class IdentityEncoder(abc.ABC):
     """Base interface: `encode(images) -> torch.float32 (N, 512)`, unit norm."""
 
     embedding_dim: int = EMBED_DIM
     name: str = "encoder"
 
+    @abc.abstractmethod
     def encode(self, images) -> torch.Tensor:
-        raise NotImplementedError
+        """images: uint8 (N, H, W, 3), or a list of paths / PIL images / arrays."""
 
     def __call__(self, images) -> torch.Tensor:
         return self.encode(images)
