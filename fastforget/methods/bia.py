@@ -22,9 +22,12 @@ Following the paper and its public code (mshaheryar91/BlA, itself built on Asyrp
    * `absorb` (what the paper claims, default for `erase`): weights after the mid block are
      fine-tuned so that codes inside the region decode as the teacher decodes them pushed
      across the boundary, while codes outside (neighbours labelled 0) and other identities
-     decode exactly as before. The result is a Patch: the model no longer produces the person.
+     decode exactly as before. The result is a Patch. The match is on the denoised image
+     (`absorb_target="x0"`): matching the teacher's ε at the pushed code (`"eps"`) leaves the
+     generations unchanged, as Asyrp found for an ε shift applied in both DDIM terms
+     (measured on the demo: ISM_f 0.729 -> 0.730 with "eps", -> 0.485 with "x0").
 
-Deviations, all documented in BIA_README_SECTION.md: the paper's radius U(0, 0.35) and push
+Deviations, all documented in README.md (section `bia`): the paper's radius U(0, 0.35) and push
 Δ ~ U(100, 120) are in CelebA-HQ DDPM h units; here the radius is relative to ‖h_r‖ by default
 and the push is "the distance needed to cross the boundary plus a margin" in units of the
 neighbourhood radius. The perceptual term uses L1 between early features of the identity
