@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastforget.errors import InputError
+from fastforget.errors import EmbeddingError, InputError
 from fastforget.models.arc2face import check_embeddings, to_uint8
 
 log = logging.getLogger("fastforget")
@@ -100,14 +100,20 @@ def image_grid(rows: list[np.ndarray], scale: int = 3) -> np.ndarray:
 @torch.no_grad()
 def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0, *, baseline=None,
            steps: int = 25, guidance: float = 3.0, neighbours: int = 8, strangers=None,
-           target_ids=None, salt: str = "fastforget") -> Report:
+           target_ids=None, anchors=None, salt: str = "fastforget") -> Report:
     """Measure how well `targets` are forgotten and `retain` kept (the papers' metrics).
 
     ISM_f / ISM_r: cosine of generations to the identity's centroid; AccU / AccR: nearest-centroid
     accuracy among targets ∪ retain (∪ strangers); SRK = AccR / (AccU + 0.01); neighbour ISM:
     generations from embeddings at cos 0.7–0.9 of a target, scored against the target; stranger
     ISM: generations of other identities scored against the targets (the floor); drift: mean
-    absolute pixel change (0–1 scale) of retained generations vs `baseline` at the same seeds."""
+    absolute pixel change (0–1 scale) of retained generations vs `baseline` at the same seeds.
+
+    `anchors` (the identities the targets were mapped to, as `erase` chose them) join the
+    candidate classes, as in PIU's protocol where the anchor is one of the retained identities:
+    a generation that became the anchor counts as the anchor, not as the target. They also give
+    `anchor_ism`: generations of the anchors scored against their targets, the level an
+    anchor-replacement method's neighbour ISM can go down to (PIU's anchors sit at cos 0.2)."""
     from fastforget.metrics import identity_scores
     from fastforget.methods.closed_form import neighbours_of
     from fastforget.models import load
@@ -122,8 +128,11 @@ def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0
     tgt = to_embeddings(targets, encoder, "targets", seed=seed)
     ret = to_embeddings(retain, encoder, "retain", seed=seed) if retain is not None else None
     strg = to_embeddings(strangers, encoder, "strangers", seed=seed) if strangers is not None else None
+    anc = check_embeddings(anchors, name="anchors") if anchors is not None else None
+    if anc is not None and anc.shape != tgt.shape:
+        raise EmbeddingError(f"anchors: expected one per target ({tuple(tgt.shape)}), got {tuple(anc.shape)}")
     k = len(tgt)
-    cents = [tgt] + [x for x in (ret, strg) if x is not None]
+    cents = [tgt] + [x for x in (ret, strg, anc) if x is not None]
     cents = torch.cat(cents)
     labels_all = torch.arange(len(cents))
 
@@ -165,6 +174,10 @@ def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0
         floor_src = F.normalize(torch.randn(8, tgt.shape[1], generator=torch.Generator().manual_seed(seed + 5)), dim=1)
     g_s = model.generate_tensor(floor_src, seed=seed + 40_000, steps=steps, guidance=guidance)
     metrics["stranger_ism"] = (enc(g_s) @ tgt.T).mean().item()
+    if anc is not None:
+        src = load(baseline) if baseline is not None else model  # the anchors as the unedited model draws them
+        g_a = src.generate_tensor(anc, seed=seed + 50_000, steps=steps, guidance=guidance)
+        metrics["anchor_ism"] = (enc(g_a) * tgt).sum(-1).mean().item()
     grid_rows = []
     if baseline is not None:
         baseline = load(baseline)
@@ -196,6 +209,7 @@ class ErasureResult:
     model: object
     patch: object
     report: Report | None
+    anchors: torch.Tensor | None = None  # who each target was mapped to (gallery identities; never saved)
 
     def save(self, directory, overwrite: bool = False) -> Path:
         """Erased model (self-contained folder) + patch.safetensors + report.json/png, atomically."""
@@ -211,9 +225,11 @@ class ErasureResult:
 
 def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encoder=None, seed: int = 0,
           progress: bool = True, *, preserve="auto", salt: str | None = None, report: bool = True,
-          verify_n: int = 4, **options) -> ErasureResult:
+          verify_n: int = 4, anchor_tau: float = 0.2, **options) -> ErasureResult:
     """Erase `targets` from `model`; returns ErasureResult(model, patch, report). The input model is
-    not modified: the patch is applied to a copy."""
+    not modified: the patch is applied to a copy. `anchor="auto"` picks, per target, an identity
+    of `retain` (when it has >= 4) or of the preservation gallery at cosine `anchor_tau` (PIU: 0.2;
+    0.0 maps a target to someone unrelated, so neighbours of the target fall to the stranger level)."""
     from fastforget.identity import load_encoder
     from fastforget.identity.anchors import check_request, select_anchors, testbed_gallery
     from fastforget.methods import ErasureRequest, get_method
@@ -221,6 +237,8 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
     from fastforget.patch import DEFAULT_SALT
 
     fit = get_method(method)  # unknown names fail before any work
+    if not -1.0 <= float(anchor_tau) < 0.9:
+        raise InputError(f"anchor_tau: {anchor_tau} is not a cosine below 0.9 (PIU uses 0.2)")
     model = load(model)
     is_testbed = (model.source or "").endswith("testbed") or "testbed" in str(model.source or "")
     if encoder is None and is_testbed:
@@ -242,7 +260,7 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
     check_request(tgt, None, ret)
     if isinstance(anchor, str) and anchor == "auto":
         pool = ret if ret is not None and len(ret) >= 4 else preserve if preserve is not None else ret
-        anchors, _ = select_anchors(tgt, pool, seed=seed)
+        anchors, _ = select_anchors(tgt, pool, tau=anchor_tau, seed=seed)
     else:
         anchors = check_embeddings(anchor, name="anchor")
     check_request(tgt, anchors, ret)
@@ -256,10 +274,10 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
     rep = None
     if report:
         rep = verify(erased, tgt, retain=ret, encoder=encoder, n=verify_n, seed=seed, baseline=model,
-                     target_ids=targets if _is_id_list(targets) and is_testbed else None,
+                     target_ids=targets if _is_id_list(targets) and is_testbed else None, anchors=anchors,
                      salt=request.salt)
         rep.details["method"] = method
         rep.details["fit_seconds"] = fit_s
         rep.details["patch_fingerprint"] = patch.fingerprint()
     log.info("erased %d identities with %s in %.2fs (patch %s)", len(tgt), method, fit_s, patch.fingerprint())
-    return ErasureResult(erased, patch, rep)
+    return ErasureResult(erased, patch, rep, anchors)

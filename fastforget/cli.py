@@ -78,23 +78,26 @@ def _demo_erase(args, model, enc, out) -> int:
     methods = [("closed_form", {}), ("piu", {"steps": args.piu_steps, "micro_batch": 8, "accumulation": 1})]
     print(f"\nerasing testbed identity {args.target}; retained metrics on {args.held_out} identities nobody named")
     strangers = list(range(500, 530))  # more candidate identities for the nearest-centroid AccU / AccR
-    base = ff.verify(model, target, retain=held_out, encoder=enc, n=args.verify_n, seed=1, target_ids=target,
-                     strangers=strangers)
-    rows = [("unedited", None, base.metrics, None)]
+    rows = []
     for name, opts in methods:
         t0 = time.perf_counter()
-        res = ff.erase(model, target, method=name, encoder=enc, seed=0, report=False, progress=True, **opts)
+        res = ff.erase(model, target, method=name, encoder=enc, seed=0, report=False, progress=True,
+                       anchor_tau=args.anchor_tau, **opts)
         fit_s = time.perf_counter() - t0
+        # the anchor is a candidate class too (PIU: anchors are retained identities)
         rep = ff.verify(res.model, target, retain=held_out, encoder=enc, n=args.verify_n, seed=1, baseline=model,
-                        target_ids=target, strangers=strangers)
+                        target_ids=target, strangers=strangers, anchors=res.anchors)
         rep.details.update(method=name, fit_seconds=fit_s, patch_fingerprint=res.patch.fingerprint(), options=opts)
         rep.save(out / name)
         res.patch.save(out / name / "patch.safetensors", overwrite=True)
         label = name if name != "piu" or args.piu_steps == 400 else f"piu ({args.piu_steps} of 400 steps)"
         rows.append((label, fit_s, rep.metrics, out / name / "report.png"))
+    base = ff.verify(model, target, retain=held_out, encoder=enc, n=args.verify_n, seed=1, target_ids=target,
+                     strangers=strangers, anchors=res.anchors)  # same candidate classes as the erased rows
+    rows.insert(0, ("unedited", None, base.metrics, None))
     keys = [("ism_f", "ISM_f"), ("acc_u", "AccU"), ("ism_r", "ISM_r"), ("acc_r", "AccR"), ("srk", "SRK"),
             ("neighbour_ism", "nbr ISM"), ("other_photo_ism", "photo ISM"), ("stranger_ism", "strgr ISM"),
-            ("drift", "drift")]
+            ("anchor_ism", "anchr ISM"), ("drift", "drift")]
     print(f"\n{'method':<24}{'fit s':>7}" + "".join(f"{h:>10}" for _, h in keys))
     for label, fit_s, m, _ in rows:
         cells = "".join(f"{m[k]:>10.3f}" if m.get(k) is not None else f"{'-':>10}" for k, _ in keys)
@@ -127,7 +130,7 @@ def cmd_erase(args) -> int:
         options["steps"] = args.steps
     res = ff.erase(model, _identities(args.target, enc), method=args.method,
                    retain=_identities(args.retain, enc), encoder=enc, seed=args.seed, progress=True,
-                   verify_n=args.verify_n, **options)
+                   verify_n=args.verify_n, anchor_tau=args.anchor_tau, **options)
     out = res.save(args.out, overwrite=args.overwrite)
     print(f"erased with {args.method}: patch {res.patch.fingerprint()} ({len(res.patch.names)} tensors)")
     if res.report is not None:
@@ -165,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--verify-n", type=int, default=2)
     d.add_argument("--piu-steps", type=int, default=30, help="shortened PIU schedule for the demo (paper: 400)")
     d.add_argument("--no-erase", action="store_true", help="only the generation table")
+    d.add_argument("--anchor-tau", type=float, default=0.2, help="anchor rule's cosine to the target (PIU: 0.2)")
     d.set_defaults(func=cmd_demo)
 
     def common(p):
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--verify-n", type=int, default=4, help="generations per identity in the report")
+    e.add_argument("--anchor-tau", type=float, default=0.2,
+                   help="automatic anchors sit at this cosine to the target (PIU: 0.2; 0 = an unrelated person)")
     e.set_defaults(func=cmd_erase)
     v = sub.add_parser("verify", help="measure ISM / AccU / AccR / SRK / neighbour ISM for a model")
     common(v)

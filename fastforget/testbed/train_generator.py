@@ -7,7 +7,7 @@ Every step renders fresh identities (unlimited, never the held-out ids below 1,0
 images each; each image is conditioned on the embedding of its sibling, so the model learns
 identity -> face rather than image -> same image. 10% of conditions are dropped to the empty
 prompt (classifier-free guidance and the unconditional h-space both work). Epsilon loss with
-min-SNR-5 weights, AdamW, EMA weights are what ships. Prints nearest-centroid accuracy among
+min-SNR-10 weights, AdamW, EMA weights are what ships. Prints nearest-centroid accuracy among
 50 held-out identities, ISM and stranger ISM, measured with the Arc2Face sampling defaults.
 """
 from __future__ import annotations
@@ -68,7 +68,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).parent / "weights"))
     ap.add_argument("--encoder", default=None, help="encoder.safetensors (default: <out>/encoder.safetensors)")
     ap.add_argument("--steps", type=int, default=2400)
-    ap.add_argument("--batch", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--min-snr", type=float, default=10.0, help="min-SNR-gamma loss weighting")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--evaluate-only", action="store_true", help="measure the shipped weights in <out>/generator")
@@ -108,7 +109,7 @@ def main(argv=None):
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, s / args.steps)))))
     alphas = ddpm.alphas_cumprod
     snr = alphas / (1 - alphas)
-    weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction
+    weight = torch.clamp(snr, max=args.min_snr) / snr  # min-SNR-gamma for epsilon prediction
     gen = torch.Generator().manual_seed(args.seed)
     half = args.batch // 2
     bar = tqdm(range(args.steps), desc="generator")
