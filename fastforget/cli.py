@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("erase", help="erase identities; writes model/, patch.safetensors, report.json")
     common(e)
-    e.add_argument("--method", default="closed_form", help="closed_form (default), piu, uce, esd_x")
+    e.add_argument("--method", default="closed_form", help="closed_form (default), piu, uce, esd_x, bia")
     e.add_argument("--steps", type=int, help="training steps for fine-tuning methods")
     e.add_argument("--out", required=True)
     e.add_argument("--overwrite", action="store_true")
