@@ -48,8 +48,34 @@ def _betas_for_alpha_bar(n: int, max_beta: float = 0.999) -> np.ndarray:
     return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)], dtype=F32)
 
 
+BETA_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+             "rescale_betas_zero_snr")
+
+
+def _betas(cfg: dict) -> np.ndarray:
+    """diffusers' beta schedules in float32 (shared by the numpy DPM-Solver and DDIM)."""
+    n = int(cfg["num_train_timesteps"])
+    if cfg["trained_betas"] is not None:
+        betas = np.asarray(cfg["trained_betas"], dtype=F32)
+    elif cfg["beta_schedule"] == "linear":
+        betas = np.linspace(cfg["beta_start"], cfg["beta_end"], n, dtype=np.float64).astype(F32)
+    elif cfg["beta_schedule"] == "scaled_linear":
+        betas = (np.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n, dtype=np.float64)
+                 .astype(F32) ** 2)
+    elif cfg["beta_schedule"] == "squaredcos_cap_v2":
+        betas = _betas_for_alpha_bar(n)
+    else:
+        raise _error(f"scheduler: beta_schedule {cfg['beta_schedule']!r} is not supported")
+    return _rescale_zero_terminal_snr(betas) if cfg["rescale_betas_zero_snr"] else betas
+
+
+def _alphas_cumprod(betas: np.ndarray) -> np.ndarray:
+    # torch's CPU cumprod accumulates float32 in double
+    return np.cumprod((F32(1.0) - betas).astype(np.float64)).astype(F32)
+
+
 def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    alphas_bar_sqrt = np.sqrt(np.cumprod((F32(1.0) - betas).astype(np.float64)).astype(F32))
+    alphas_bar_sqrt = np.sqrt(_alphas_cumprod(betas))
     a0, at = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
     alphas_bar_sqrt = (alphas_bar_sqrt - at) * (a0 / (a0 - at))
     alphas_bar = alphas_bar_sqrt ** 2
@@ -91,23 +117,8 @@ class DPMSolverMultistepNumpy:
             raise _error(f"scheduler: prediction_type {cfg['prediction_type']!r} is not supported")
         if cfg["algorithm_type"] == "dpmsolver" and cfg["final_sigmas_type"] == "zero":
             raise _error("scheduler: final_sigmas_type 'zero' needs algorithm_type 'dpmsolver++'")
-        n = int(cfg["num_train_timesteps"])
-        if cfg["trained_betas"] is not None:
-            betas = np.asarray(cfg["trained_betas"], dtype=F32)
-        elif cfg["beta_schedule"] == "linear":
-            betas = np.linspace(cfg["beta_start"], cfg["beta_end"], n, dtype=np.float64).astype(F32)
-        elif cfg["beta_schedule"] == "scaled_linear":
-            betas = (np.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n, dtype=np.float64)
-                     .astype(F32) ** 2)
-        elif cfg["beta_schedule"] == "squaredcos_cap_v2":
-            betas = _betas_for_alpha_bar(n)
-        else:
-            raise _error(f"scheduler: beta_schedule {cfg['beta_schedule']!r} is not supported")
-        if cfg["rescale_betas_zero_snr"]:
-            betas = _rescale_zero_terminal_snr(betas)
-        self.betas = betas
-        # torch's CPU cumprod accumulates float32 in double
-        self.alphas_cumprod = np.cumprod((F32(1.0) - betas).astype(np.float64)).astype(F32)
+        self.betas = _betas(cfg)
+        self.alphas_cumprod = _alphas_cumprod(self.betas)
         if cfg["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = F32(2.0 ** -24)
         alpha_t = np.sqrt(self.alphas_cumprod)
@@ -330,17 +341,15 @@ class DDIMNumpy:
     order = 1
 
     def __init__(self, config: dict | None = None):
-        cfg = {"clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True, "steps_offset": 0,
+        cfg = {k: DEFAULTS[k] for k in BETA_KEYS}
+        cfg.update({"clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True, "steps_offset": 0,
                "timestep_spacing": "leading", "prediction_type": "epsilon", "num_train_timesteps": 1000,
-               "thresholding": False}
+               "thresholding": False})
         cfg.update({k: v for k, v in dict(config or {}).items() if not k.startswith("_")})
         if cfg["prediction_type"] != "epsilon" or cfg["thresholding"]:
             raise _error("scheduler: the numpy DDIM supports epsilon prediction without thresholding")
         self.config = cfg
-        # the same beta schedule code as the DPM-Solver (one place builds alphas_cumprod)
-        self.alphas_cumprod = DPMSolverMultistepNumpy(
-            {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-             if k in cfg}).alphas_cumprod
+        self.alphas_cumprod = _alphas_cumprod(_betas(cfg))
         self.final_alpha_cumprod = F32(1.0) if cfg["set_alpha_to_one"] else self.alphas_cumprod[0]
         self.timesteps = None
 

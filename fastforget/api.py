@@ -120,6 +120,7 @@ def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0
     from fastforget.patch import fingerprint_embeddings
 
     model = load(model)
+    baseline = load(baseline) if baseline is not None else None
     if encoder is None:
         from fastforget.identity import load_encoder
 
@@ -175,12 +176,11 @@ def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0
     g_s = model.generate_tensor(floor_src, seed=seed + 40_000, steps=steps, guidance=guidance)
     metrics["stranger_ism"] = (enc(g_s) @ tgt.T).mean().item()
     if anc is not None:
-        src = load(baseline) if baseline is not None else model  # the anchors as the unedited model draws them
+        src = baseline if baseline is not None else model  # the anchors as the unedited model draws them
         g_a = src.generate_tensor(anc, seed=seed + 50_000, steps=steps, guidance=guidance)
         metrics["anchor_ism"] = (enc(g_a) * tgt).sum(-1).mean().item()
     grid_rows = []
     if baseline is not None:
-        baseline = load(baseline)
         b_f = gen(baseline, tgt, seed)
         metrics["ism_f_before"] = (enc(b_f).view(k, n, -1) * tgt[:, None]).sum(-1).mean().item()
         grid_rows += [to_uint8(b_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
@@ -237,8 +237,6 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
     from fastforget.patch import DEFAULT_SALT
 
     fit = get_method(method)  # unknown names fail before any work
-    if not -1.0 <= float(anchor_tau) < 0.9:
-        raise InputError(f"anchor_tau: {anchor_tau} is not a cosine below 0.9 (PIU uses 0.2)")
     model = load(model)
     is_testbed = (model.source or "").endswith("testbed") or "testbed" in str(model.source or "")
     if encoder is None and is_testbed:

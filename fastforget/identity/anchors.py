@@ -15,6 +15,8 @@ def select_anchors(targets: torch.Tensor, pool: torch.Tensor, *, tau: float = 0.
     nearest to tau. A moderately similar person, not the nearest. Returns (anchors, pool indices)."""
     from fastforget.kernels import proximity_topk
 
+    if not -1.0 <= float(tau) < SAME_PERSON_COS:
+        raise InputError(f"anchor_tau: {tau} is not a cosine below {SAME_PERSON_COS} (PIU uses 0.2)")
     if pool is None or len(pool) == 0:
         raise InputError("anchor='auto' needs a pool of identities (retain or a preservation gallery)")
     scores, idx = proximity_topk(targets, pool, k=len(pool))  # every pool entry, sorted
