@@ -1,11 +1,13 @@
 """What every erasure method receives and returns."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from fastforget.errors import UnknownMethodError
+from fastforget.errors import InputError, UnknownMethodError
 
 _REGISTRY: dict = {}
 
@@ -55,3 +57,36 @@ def attn2_kv_names(model, modules: dict | None = None) -> list[str]:
     """Qualified parameter names of to_k / to_v weights of the given (default: all) attn2 modules."""
     modules = modules if modules is not None else model.attn2_modules()
     return [f"unet.{m}.{p}.weight" for m in modules for p in ("to_k", "to_v")]
+
+
+# ---------------------------------------------------------------- options (shared by every method)
+def merge_options(name: str, defaults: dict, options: dict, allowed=None) -> dict:
+    """defaults + options; option names outside `allowed` (default: the defaults' keys) raise
+    InputError naming them."""
+    allowed = set(defaults) if allowed is None else set(allowed)
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise InputError(f"{name}: unknown option(s) {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(sorted(allowed))}")
+    return {**{k: v for k, v in defaults.items() if k in allowed}, **options}
+
+
+def check_int(name: str, cfg: dict, key: str, minimum: int = 1) -> None:
+    """cfg[key] (if present) must be an integer >= minimum; stored as int."""
+    if key in cfg:
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+            raise InputError(f"{name}: option {key!r} must be an integer >= {minimum}, got {v!r}")
+        cfg[key] = int(v)
+
+
+def check_number(name: str, cfg: dict, key: str, lo: float | None = None, strict: bool = False) -> None:
+    """cfg[key] (if present) must be a finite number (>= lo, or > lo when strict); stored as float."""
+    if key in cfg:
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+            raise InputError(f"{name}: option {key!r} must be a finite number, got {v!r}")
+        v = float(v)
+        if lo is not None and (v <= lo if strict else v < lo):
+            raise InputError(f"{name}: option {key!r} must be {'>' if strict else '>='} {lo}, got {v}")
+        cfg[key] = v

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from fastforget.errors import InputError
-from fastforget.methods.base import ErasureRequest, register_method
+from fastforget.methods.base import ErasureRequest, check_int, check_number, merge_options, register_method
 from fastforget.patch import Patch, fingerprint_embeddings
 
 EMBED_DIM = 512
@@ -84,28 +84,13 @@ EDIT_KEYS = ("t0", "inversion_steps", "decode_steps", "asymmetric", "neighbours"
 # ================================================================ options
 def resolve_options(options: dict, *, allowed=None) -> dict:
     """Defaults + options, checked. Unknown names raise InputError naming them."""
-    allowed = set(BIA_DEFAULTS) if allowed is None else set(allowed)
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise InputError(f"bia: unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(allowed))}")
-    cfg = {**{k: v for k, v in BIA_DEFAULTS.items() if k in allowed}, **options}
+    cfg = merge_options("bia", BIA_DEFAULTS, options, allowed)
 
     def pos_int(key, minimum=1):
-        if key in cfg:
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-                raise InputError(f"bia: option {key!r} must be an integer >= {minimum}, got {v!r}")
-            cfg[key] = int(v)
+        check_int("bia", cfg, key, minimum)
 
     def num(key, lo=None, strict=False):
-        if key in cfg:
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
-                raise InputError(f"bia: option {key!r} must be a finite number, got {v!r}")
-            v = float(v)
-            if lo is not None and (v <= lo if strict else v < lo):
-                raise InputError(f"bia: option {key!r} must be {'>' if strict else '>='} {lo}, got {v}")
-            cfg[key] = v
+        check_number("bia", cfg, key, lo, strict)
 
     for k in ("inversion_steps", "decode_steps", "k_nearest", "n_sources", "source_steps", "chunk", "steps",
               "batch", "t0"):

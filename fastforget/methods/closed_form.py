@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastforget import __version__
-from fastforget.errors import InputError
-from fastforget.methods.base import ErasureRequest, attn2_kv_names, register_method
+from fastforget.methods.base import ErasureRequest, attn2_kv_names, merge_options, register_method
 from fastforget.patch import Patch, fingerprint_embeddings, get_parameter
 
 
@@ -101,10 +100,7 @@ def solve_kv_map(model, request: ErasureRequest, *, erase_weight: float, preserv
 
 
 def _fit(name, model, request, *, seed, progress, defaults, options):
-    unknown = set(options) - set(defaults)
-    if unknown:
-        raise InputError(f"{name}: unknown option(s) {sorted(unknown)}; known: {sorted(defaults)}")
-    cfg = {**defaults, **options}
+    cfg = merge_options(name, defaults, options)
     tmap, counts = solve_kv_map(model, request, erase_weight=cfg["erase_weight"],
                                 preserve_weight=cfg["preserve_weight"], lam=cfg["lam"],
                                 neighbours=cfg["neighbours"], neighbour_cos=tuple(cfg["neighbour_cos"]),

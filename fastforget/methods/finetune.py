@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from fastforget.errors import InputError
-from fastforget.methods.base import ErasureRequest, register_method
+from fastforget.methods.base import ErasureRequest, check_int, check_number, merge_options, register_method
 from fastforget.patch import Patch, fingerprint_embeddings
 
 EMBED_DIM = 512
@@ -74,27 +74,13 @@ ESD_X_DEFAULTS = {"steps": 1000, "lr": 1e-5, "eta": 1.0, "micro_batch": 16}
 
 # ---------------------------------------------------------------- options
 def _resolve_options(name: str, defaults: dict, options: dict) -> dict:
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise InputError(f"{name}: unknown option(s) {', '.join(map(repr, unknown))}; "
-                         f"known: {', '.join(sorted(defaults))}")
-    cfg = {**defaults, **options}
+    cfg = merge_options(name, defaults, options)
     for key in ("steps", "micro_batch", "accumulation"):
-        if key in cfg:
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"{name}: option {key!r} must be a positive integer, got {v!r}")
-    for key in ("lr", "weight_decay", "eta", "lambda_p"):
-        if key in cfg:
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise InputError(f"{name}: option {key!r} must be a finite number, got {v!r}")
-            cfg[key] = float(v)
-    if cfg.get("lr", 1.0) <= 0:
-        raise InputError(f"{name}: option 'lr' must be > 0, got {cfg['lr']}")
+        check_int(name, cfg, key)
+    check_number(name, cfg, "lr", 0.0, strict=True)
     for key in ("weight_decay", "lambda_p"):
-        if cfg.get(key, 0.0) < 0:
-            raise InputError(f"{name}: option {key!r} must be >= 0, got {cfg[key]}")
+        check_number(name, cfg, key, 0.0)
+    check_number(name, cfg, "eta")
     if "layers" in cfg:
         v = cfg["layers"]
         if isinstance(v, (list, tuple)):
