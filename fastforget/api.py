@@ -11,196 +11,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastforget.errors import EmbeddingError, InputError
-from fastforget.models.arc2face import check_embeddings, to_uint8
+from fastforget.errors import InputError
+from fastforget.identity.embeddings import (check_embeddings, identity_sets, is_embedding_like,  # noqa: F401
+                                            is_id_list, to_embeddings)
+from fastforget.verify import Report, check_salt, image_grid, verify  # noqa: F401  (public here too)
 
 log = logging.getLogger("fastforget")
-
-
-# ---------------------------------------------------------------- identities
-def _is_id_list(x) -> bool:
-    if isinstance(x, (int, np.integer)):
-        return True
-    if isinstance(x, (list, tuple, range)) and len(x) and all(isinstance(v, (int, np.integer)) for v in x):
-        return True
-    return isinstance(x, np.ndarray) and x.ndim == 1 and np.issubdtype(x.dtype, np.integer)
-
-
-def identity_sets(x, encoder=None, name: str = "targets", per_identity: int = 8, seed: int = 0):
-    """targets / retain in any accepted form -> list of (k_i, 512) unit embeddings, one per identity.
-
-    Testbed identity ids are rendered `per_identity` times (k_i = per_identity); images (paths,
-    PIL, uint8 arrays) are one identity per image; float arrays are embeddings, one per row."""
-    if _is_id_list(x):
-        from fastforget.testbed import render
-
-        ids = np.atleast_1d(np.asarray(x, dtype=np.int64))
-        if encoder is None:
-            raise InputError(f"{name}: testbed identity ids need an encoder (ff.load_encoder('demo'))")
-        ims, _ = render(ids, per_identity, seed=seed)
-        return list(encoder.encode(ims).view(len(ids), per_identity, -1))
-    if isinstance(x, torch.Tensor) or (isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating)
-                                       and x.ndim in (1, 2) and x.shape[-1] != 3):
-        return list(check_embeddings(x, name=name)[:, None])
-    if encoder is None:
-        raise InputError(f"{name}: images need an encoder (pass encoder=ff.load_encoder(...))")
-    return list(check_embeddings(encoder.encode(x), name=name)[:, None])
-
-
-def to_embeddings(x, encoder=None, name: str = "targets", per_identity: int = 8, seed: int = 0) -> torch.Tensor:
-    """One unit embedding per identity (the normalised mean of its set), (N, 512) float32."""
-    if x is None:
-        return None
-    return F.normalize(torch.stack([s.mean(0) for s in identity_sets(x, encoder, name, per_identity, seed)]), dim=1)
-
-
-# ---------------------------------------------------------------- report
-@dataclass
-class Report:
-    metrics: dict
-    details: dict = field(default_factory=dict)
-    grid: np.ndarray | None = None  # uint8 image: before/after generations
-
-    def to_json(self) -> str:
-        return json.dumps({"metrics": self.metrics, **self.details}, indent=2, sort_keys=True, default=float)
-
-    def save(self, directory) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "report.json").write_text(self.to_json())
-        if self.grid is not None:
-            from PIL import Image
-
-            Image.fromarray(self.grid).save(directory / "report.png")
-        return directory
-
-    def table(self) -> str:
-        keys = ["ism_f", "ism_r", "acc_u", "acc_r", "srk", "neighbour_ism", "stranger_ism", "drift"]
-        return "  ".join(f"{k}={self.metrics[k]:.3f}" for k in keys if self.metrics.get(k) is not None)
-
-    def __getitem__(self, k):
-        return self.metrics[k]
-
-
-def _upscale(tiles: np.ndarray, scale: int) -> np.ndarray:
-    return tiles.repeat(scale, axis=-3).repeat(scale, axis=-2) if scale > 1 else tiles
-
-
-def image_grid(rows: list[np.ndarray], scale: int = 3) -> np.ndarray:
-    """rows: each (k, H, W, 3) uint8 -> one picture, rows stacked, 2-px white gutters."""
-    h, w = rows[0].shape[1:3]
-    ncol = max(len(r) for r in rows)
-    canvas = np.full((len(rows) * (h + 2) + 2, ncol * (w + 2) + 2, 3), 255, np.uint8)
-    for i, r in enumerate(rows):
-        for j, t in enumerate(r):
-            canvas[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = t
-    return _upscale(canvas, scale)
-
-
-@torch.no_grad()
-def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0, *, baseline=None,
-           steps: int = 25, guidance: float = 3.0, neighbours: int = 8, strangers=None,
-           target_ids=None, anchors=None, salt: str = "fastforget") -> Report:
-    """Measure how well `targets` are forgotten and `retain` kept (the papers' metrics).
-
-    ISM_f / ISM_r: cosine of generations to the identity's centroid; AccU / AccR: nearest-centroid
-    accuracy among targets ∪ retain (∪ strangers); SRK = AccR / (AccU + 0.01); neighbour ISM:
-    generations from embeddings at cos 0.7–0.9 of a target, scored against the target; stranger
-    ISM: generations of other identities scored against the targets (the floor); drift: mean
-    absolute pixel change (0–1 scale) of retained generations vs `baseline` at the same seeds.
-
-    `anchors` (the identities the targets were mapped to, as `erase` chose them) join the
-    candidate classes, as in PIU's protocol where the anchor is one of the retained identities:
-    a generation that became the anchor counts as the anchor, not as the target. They also give
-    `anchor_ism`: generations of the anchors scored against their targets, the level an
-    anchor-replacement method's neighbour ISM can go down to (PIU's anchors sit at cos 0.2)."""
-    from fastforget.metrics import identity_scores
-    from fastforget.methods.closed_form import neighbours_of
-    from fastforget.models import load
-    from fastforget.patch import fingerprint_embeddings
-
-    model = load(model)
-    baseline = load(baseline) if baseline is not None else None
-    if encoder is None:
-        from fastforget.identity import load_encoder
-
-        encoder = load_encoder("demo")
-    t0 = time.perf_counter()
-    tgt = to_embeddings(targets, encoder, "targets", seed=seed)
-    ret = to_embeddings(retain, encoder, "retain", seed=seed) if retain is not None else None
-    strg = to_embeddings(strangers, encoder, "strangers", seed=seed) if strangers is not None else None
-    anc = check_embeddings(anchors, name="anchors") if anchors is not None else None
-    if anc is not None and anc.shape != tgt.shape:
-        raise EmbeddingError(f"anchors: expected one per target ({tuple(tgt.shape)}), got {tuple(anc.shape)}")
-    k = len(tgt)
-    cents = [tgt] + [x for x in (ret, strg, anc) if x is not None]
-    cents = torch.cat(cents)
-    labels_all = torch.arange(len(cents))
-
-    def gen(m, emb, s):
-        return m.generate_tensor(emb.repeat_interleave(n, 0), seed=s, steps=steps, guidance=guidance)
-
-    def enc(x):
-        return encoder.encode_tensor(x)
-
-    metrics, timings = {}, {}
-    ts = time.perf_counter()
-    g_f = gen(model, tgt, seed)
-    timings["generate_targets_s"] = time.perf_counter() - ts
-    s_f = identity_scores(enc(g_f), labels_all[:k].repeat_interleave(n), cents, labels_all)
-    metrics.update(ism_f=s_f["ism"], acc_u=s_f["accuracy"])
-    if ret is not None:
-        g_r = gen(model, ret, seed + 10_000)
-        s_r = identity_scores(enc(g_r), labels_all[k:k + len(ret)].repeat_interleave(n), cents, labels_all)
-        metrics.update(ism_r=s_r["ism"], acc_r=s_r["accuracy"])
-        metrics["srk"] = metrics["acc_r"] / (metrics["acc_u"] + 0.01)
-    else:
-        g_r = None
-        metrics.update(ism_r=None, acc_r=None, srk=None)
-    # neighbours: embeddings at cos 0.7-0.9 of each target, one generation each
-    nb = neighbours_of(tgt, neighbours, (0.7, 0.9), seed=seed + 7)
-    g_nb = model.generate_tensor(nb, seed=seed + 20_000, steps=steps, guidance=guidance)
-    e_nb = enc(g_nb).view(k, neighbours, -1)
-    metrics["neighbour_ism"] = (e_nb * tgt[:, None]).sum(-1).mean().item()
-    if target_ids is not None:  # other photos of the target (testbed renders)
-        from fastforget.testbed import render
-
-        ims, _ = render(np.atleast_1d(target_ids), 4, seed=seed + 99)
-        other = encoder.encode(ims).view(k, 4, -1).mean(1)
-        g_o = model.generate_tensor(F.normalize(other, dim=1), seed=seed + 30_000, steps=steps, guidance=guidance)
-        metrics["other_photo_ism"] = (enc(g_o) * tgt).sum(-1).mean().item()
-    # stranger floor: generations of identities that are not the targets, scored against the targets
-    floor_src = strg if strg is not None else ret
-    if floor_src is None:
-        floor_src = F.normalize(torch.randn(8, tgt.shape[1], generator=torch.Generator().manual_seed(seed + 5)), dim=1)
-    g_s = model.generate_tensor(floor_src, seed=seed + 40_000, steps=steps, guidance=guidance)
-    metrics["stranger_ism"] = (enc(g_s) @ tgt.T).mean().item()
-    if anc is not None:
-        src = baseline if baseline is not None else model  # the anchors as the unedited model draws them
-        g_a = src.generate_tensor(anc, seed=seed + 50_000, steps=steps, guidance=guidance)
-        metrics["anchor_ism"] = (enc(g_a) * tgt).sum(-1).mean().item()
-    grid_rows = []
-    if baseline is not None:
-        b_f = gen(baseline, tgt, seed)
-        metrics["ism_f_before"] = (enc(b_f).view(k, n, -1) * tgt[:, None]).sum(-1).mean().item()
-        grid_rows += [to_uint8(b_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
-        grid_rows += [to_uint8(g_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
-        if ret is not None:
-            b_r = gen(baseline, ret, seed + 10_000)
-            metrics["drift"] = ((g_r - b_r).abs().mean() / 2).item()
-            metrics["retain_cos_to_before"] = (enc(g_r) * enc(b_r)).sum(-1).mean().item()
-            grid_rows += [to_uint8(b_r[:n]), to_uint8(g_r[:n])]
-        else:
-            metrics["drift"] = None
-    else:
-        metrics["drift"] = None
-        grid_rows = [to_uint8(g_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
-    timings["total_s"] = time.perf_counter() - t0
-    details = {"n_per_identity": n, "steps": steps, "guidance": guidance, "seed": seed, "timings": timings,
-               "targets": fingerprint_embeddings(tgt, salt), "n_retain": 0 if ret is None else len(ret),
-               "grid_rows": "rows 1..k: targets before; then targets after; then retain[0] before / after"
-               if baseline is not None else "targets after"}
-    return Report(metrics, details, image_grid(grid_rows) if grid_rows else None)
 
 
 # ---------------------------------------------------------------- erase
@@ -223,59 +39,125 @@ class ErasureResult:
         return Path(directory)
 
 
+def _resolve_preserve(preserve, model, encoder_fn, seed: int, progress: bool):
+    """preserve= "auto" (the default set), None (only `retain`: warned), a .npy path, or a gallery in any
+    identity form -> PreservationSet or None."""
+    import os
+
+    from fastforget.identity import preservation
+
+    if isinstance(preserve, str) and preserve == "auto":
+        return preservation.default_set(model, encoder_fn(), progress=progress)
+    if preserve is None:
+        log.warning("preserve=None: only `retain` is held fixed, so identities nobody named may move with the edit")
+        return None
+    if isinstance(preserve, (str, os.PathLike)) and str(preserve).endswith(".npy"):
+        from fastforget.identity.gallery import load as load_gallery
+
+        return preservation.from_gallery(load_gallery(preserve))
+    if isinstance(preserve, str):
+        raise InputError(f"preserve: expected 'auto', None, a .npy file or (N, 512) embeddings, got {preserve!r}")
+    enc = None if is_embedding_like(preserve) else encoder_fn()
+    return preservation.from_gallery(to_embeddings(preserve, enc, "preserve", seed=seed))
+
+
+def _same_person(a: torch.Tensor, b: torch.Tensor, what_a: str, what_b: str) -> None:
+    from fastforget.errors import ConflictError
+    from fastforget.identity.embeddings import SAME_PERSON_COS
+
+    hit = ((a @ b.T) >= SAME_PERSON_COS).nonzero()
+    if len(hit):
+        i, j = hit[0].tolist()
+        raise ConflictError(f"{what_a}[{i}] is also in retain ({what_b}[{j}]: cosine {float(a[i] @ b[j]):.3f} >= "
+                            f"{SAME_PERSON_COS}, the same person): a person cannot be both forgotten and retained")
+
+
 def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encoder=None, seed: int = 0,
           progress: bool = True, *, preserve="auto", salt: str | None = None, report: bool = True,
           verify_n: int = 4, anchor_tau: float = 0.2, **options) -> ErasureResult:
     """Erase `targets` from `model`; returns ErasureResult(model, patch, report). The input model is
-    not modified: the patch is applied to a copy. `anchor="auto"` picks, per target, an identity
-    of `retain` (when it has >= 4) or of the preservation gallery at cosine `anchor_tau` (PIU: 0.2;
-    0.0 maps a target to someone unrelated, so neighbours of the target fall to the stranger level)."""
-    from fastforget.identity import load_encoder
-    from fastforget.identity.anchors import check_request, select_anchors, testbed_gallery
-    from fastforget.methods import ErasureRequest, get_method
+    not modified: the patch is applied to a copy that shares every tensor the patch does not change.
+
+    `encoder` is the identity encoder the model was trained with (insightface ArcFace ONNX for Arc2Face);
+    it encodes images, scores the report and builds the default preservation set. Only the testbed
+    (`ff.load("demo")`) has a default. `preserve="auto"` holds a large set of identities nobody named
+    fixed (see fastforget.identity.preservation); pass a gallery (embeddings, a .npy file, photos) to use
+    real faces instead. `anchor="auto"` picks, per target, an identity of `retain` (when it has >= 4) or
+    of the preservation set at cosine `anchor_tau` (PIU: 0.2; 0.0 maps a target to someone unrelated)."""
+    from fastforget.errors import FitError
+    from fastforget.identity.anchors import check_request, select_anchors
+    from fastforget.identity.encoder import resolve_encoder
+    from fastforget.methods import ErasureRequest
+    from fastforget.methods.base import validate_options
     from fastforget.models import load
+    from fastforget.models.common import check_float, check_int, check_seed
     from fastforget.patch import DEFAULT_SALT
 
-    fit = get_method(method)  # unknown names fail before any work
+    # ---- everything cheap first: a bad option never costs a model load or a fit
+    if not isinstance(method, str):
+        raise InputError(f"method: expected a method name, got {type(method).__name__}")
+    validate_options(method, options)  # unknown method / option names and bad values
+    seed = check_seed(seed, 2 ** 20)
+    salt = check_salt(DEFAULT_SALT if salt is None else salt)
+    if report:
+        check_int(verify_n, "verify_n")
+    anchor_tau = check_float(anchor_tau, "anchor_tau")
+    if not isinstance(progress, bool) or not isinstance(report, bool):
+        raise InputError("progress / report: expected True or False")
+    from fastforget.methods.base import get_method
+
+    fit = get_method(method)
     model = load(model)
-    is_testbed = (model.source or "").endswith("testbed") or "testbed" in str(model.source or "")
-    if encoder is None and is_testbed:
-        encoder = load_encoder("demo")
-    elif encoder is not None:
-        encoder = load_encoder(encoder)
-    target_sets = identity_sets(targets, encoder, "targets", seed=seed)
+    encoder = resolve_encoder(encoder, model, "erase") if encoder is not None or model.is_testbed else None
+
+    def need_encoder():
+        return encoder if encoder is not None else resolve_encoder(None, model, "erase")
+
+    def encoder_for(x):  # embeddings need no encoder; ids and images do
+        return None if is_embedding_like(x) else need_encoder()
+
+    target_sets = identity_sets(targets, encoder_for(targets), "targets", seed=seed)
     tgt = F.normalize(torch.stack([s.mean(0) for s in target_sets]), dim=1)
-    ret = to_embeddings(retain, encoder, "retain", seed=seed) if retain is not None else None
-    if isinstance(preserve, str) and preserve == "auto":
-        if is_testbed and encoder is not None:
-            preserve = testbed_gallery(encoder)
-        else:
-            preserve = None
-            log.warning("no preservation set: only `retain` is held fixed; pass preserve= a gallery of "
-                        "embeddings so identities nobody named stay put")
-    elif preserve is not None:
-        preserve = to_embeddings(preserve, encoder, "preserve", seed=seed)
+    ret = None
+    if retain is not None:
+        ret = to_embeddings(retain, encoder_for(retain), "retain", seed=seed)
+        _same_person(tgt, ret, "targets", "retain")
+    if report:
+        need_encoder()  # the report scores generations: fail now, not after the fit
+    pres = _resolve_preserve(preserve, model, need_encoder, seed, progress)
+    if pres is not None:
+        # a target inside the preservation set would be held and erased at once: drop those rows
+        keep = (pres.embeddings @ tgt.T).amax(1) < 0.9
+        if not keep.all():
+            log.info("preservation set: %d row(s) are a target and were left out", int((~keep).sum()))
+            pres.embeddings = pres.embeddings[keep]
     check_request(tgt, None, ret)
     if isinstance(anchor, str) and anchor == "auto":
-        pool = ret if ret is not None and len(ret) >= 4 else preserve if preserve is not None else ret
+        pool = ret if ret is not None and len(ret) >= 4 else pres.anchor_pool if pres is not None else ret
         anchors, _ = select_anchors(tgt, pool, tau=anchor_tau, seed=seed)
     else:
         anchors = check_embeddings(anchor, name="anchor")
     check_request(tgt, anchors, ret)
-    request = ErasureRequest(tgt, anchors, ret, preserve, salt=salt or DEFAULT_SALT,
-                             extra={"target_sets": target_sets})  # several photos per person, where given
+    request = ErasureRequest(tgt, anchors, ret, pres.embeddings if pres is not None else None, salt=salt,
+                             extra={"target_sets": target_sets}, encoder=encoder,
+                             preserve_key=pres.key if pres is not None else None)
     t0 = time.perf_counter()
     patch = fit(model, request, seed=seed, progress=progress, **options)
     fit_s = time.perf_counter() - t0
-    erased = model.clone()
+    bad = [k for k, v in patch.new.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FitError(f"{method}: produced non-finite weights in {bad[0]!r} ({len(bad)} tensor(s)); nothing was "
+                       "applied. Lower the learning rate / weights and retry")
+    erased = model.clone(only=patch.names)
     patch.apply(erased)
     rep = None
     if report:
-        rep = verify(erased, tgt, retain=ret, encoder=encoder, n=verify_n, seed=seed, baseline=model,
-                     target_ids=targets if _is_id_list(targets) and is_testbed else None, anchors=anchors,
+        rep = verify(erased, tgt, retain=ret, encoder=need_encoder(), n=verify_n, seed=seed, baseline=model,
+                     target_ids=targets if is_id_list(targets) and model.is_testbed else None, anchors=anchors,
                      salt=request.salt)
         rep.details["method"] = method
         rep.details["fit_seconds"] = fit_s
         rep.details["patch_fingerprint"] = patch.fingerprint()
+        rep.details["preservation"] = None if pres is None else {"kind": pres.kind, "size": len(pres.embeddings)}
     log.info("erased %d identities with %s in %.2fs (patch %s)", len(tgt), method, fit_s, patch.fingerprint())
     return ErasureResult(erased, patch, rep, anchors)

@@ -15,6 +15,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from fastforget.errors import FastForgetError
+
 try:
     import triton
 except ImportError:  # triton is Linux x86-64 only
@@ -26,7 +28,7 @@ CHOICES = ("auto", "triton", "torch")
 ANY_DEVICE = ("*",)  # a backend that runs wherever torch runs
 
 
-class KernelBackendError(RuntimeError):
+class KernelBackendError(FastForgetError, RuntimeError):
     """An explicitly chosen kernel backend cannot run these inputs, or the choice is not valid."""
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from fastforget.errors import ConflictError, InputError
-
-SAME_PERSON_COS = 0.9  # pool entries this close to a target are the target itself, never its anchor
+from fastforget.identity.embeddings import SAME_PERSON_COS  # pool entries this close to a target are the target
 
 
 def select_anchors(targets: torch.Tensor, pool: torch.Tensor, *, tau: float = 0.2, delta: float = 0.01,
@@ -13,13 +12,15 @@ def select_anchors(targets: torch.Tensor, pool: torch.Tensor, *, tau: float = 0.
     """PIU's rule (`data.py::select_anchor_embedding`): among pool identities with
     |cos(pool, target) − tau| < delta pick one at random under the seed; if none, the one
     nearest to tau. A moderately similar person, not the nearest. Returns (anchors, pool indices)."""
-    from fastforget.kernels import proximity_topk
-
     if not -1.0 <= float(tau) < SAME_PERSON_COS:
         raise InputError(f"anchor_tau: {tau} is not a cosine below {SAME_PERSON_COS} (PIU uses 0.2)")
     if pool is None or len(pool) == 0:
         raise InputError("anchor='auto' needs a pool of identities (retain or a preservation gallery)")
-    scores, idx = proximity_topk(targets, pool, k=len(pool))  # every pool entry, sorted
+    # the rule needs every pool entry's cosine (the band may hold entries ranked anywhere), so this is
+    # one exact float64 product, not a top-k: pools are galleries of thousands, milliseconds here
+    sim = targets.double() @ pool.double().T
+    scores, idx = sim.sort(dim=1, descending=True, stable=True)
+    scores = scores.float()
     g = torch.Generator().manual_seed(seed)
     chosen = []
     for i in range(len(targets)):

@@ -91,12 +91,56 @@ class ArcFaceOnnxEncoder(IdentityEncoder):
             warnings.warn(f"{label}: {len(bboxes)} faces found; using the largest (Arc2Face's rule)")
         return face_align.norm_crop(bgr, landmark=kpss[int(np.argmax(areas))], image_size=112)
 
-    @torch.no_grad()
-    def encode(self, images, batch_size: int = 64) -> torch.Tensor:
-        arrs = as_image_batch(images)
-        crops = [self._crop(a, f"images[{i}]") for i, a in enumerate(arrs)]
+    def fingerprint(self) -> str:
+        """sha256 of the recognition model file (and the detector's, when there is one)."""
+        import hashlib
+
+        if getattr(self, "_fp", None) is None:
+            h = hashlib.sha256()
+            for f in (self.path, getattr(self.det, "model_file", None)):
+                if f is not None and Path(f).is_file():
+                    h.update(Path(f).read_bytes())
+            self._fp = h.hexdigest()
+        return self._fp
+
+    def _embed(self, crops: list[np.ndarray], batch_size: int = 64) -> torch.Tensor:
         feats = [self.rec.get_feat(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)]
         emb = torch.from_numpy(np.concatenate(feats).astype(np.float32))
         if not torch.isfinite(emb).all():
             raise ModelLoadError(f"{self.path}: produced non-finite embeddings")
+        if (emb.norm(dim=1) == 0).any():
+            raise ModelLoadError(f"{self.path}: produced a zero embedding")
         return F.normalize(emb, dim=1)
+
+    @torch.no_grad()
+    def encode(self, images, name: str = "images", batch_size: int = 64) -> torch.Tensor:
+        arrs, labels = as_image_batch(images, name=name, with_labels=True)
+        return self._embed([self._crop(a, lab) for a, lab in zip(arrs, labels)], batch_size)
+
+    @torch.no_grad()
+    def encode_tensor(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Generated images (N, 3, H, W) in [-1, 1]. With a detector beside the model each image is
+        detected and aligned (Arc2Face's evaluation); an image with no face, or any image when there is
+        no detector, is taken as an aligned face and resized to 112x112 (generators in this family
+        draw centred, aligned faces). Not differentiable: ONNX Runtime has no gradients."""
+        from fastforget.identity.embeddings import to_uint8
+
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise InputError(f"generated images: expected (N, 3, H, W), got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise InputError("generated images: contain NaN or inf")
+        arrs = to_uint8(x)
+        crops = []
+        for a in arrs:
+            crop = None
+            if self.det is not None and a.shape[:2] != (112, 112):
+                try:
+                    crop = self._crop(a, "generated image")
+                except NoFaceError:
+                    crop = None
+            if crop is None:
+                resized = F.interpolate(torch.from_numpy(a).permute(2, 0, 1)[None].float(), size=(112, 112),
+                                        mode="area" if a.shape[0] >= 112 else "bilinear", align_corners=None)
+                crop = np.ascontiguousarray(resized[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()[..., ::-1])
+            crops.append(crop)
+        return self._embed(crops, batch_size)

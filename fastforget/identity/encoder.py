@@ -18,11 +18,18 @@ from fastforget.errors import InputError, ModelLoadError
 EMBED_DIM = 512
 
 
-def as_image_batch(images, name: str = "images") -> list[np.ndarray]:
-    """Normalise images to a list of uint8 (H, W, 3) arrays.
+def image_label(name: str, i: int, item) -> str:
+    """How an error names one image: `targets[2] (photos/ann.jpg)`."""
+    return f"{name}[{i}]" + (f" ({item})" if isinstance(item, (str, os.PathLike)) else "")
 
-    Accepts a uint8 array (N, H, W, 3) or (H, W, 3), or a list of paths / PIL images / arrays.
-    """
+
+def as_image_batch(images, name: str = "images", with_labels: bool = False):
+    """Normalise images to a list of uint8 (H, W, 3) arrays (and, with `with_labels`, the label that
+    names each one in errors: its index and file name).
+
+    Accepts a uint8 array (N, H, W, 3) or (H, W, 3), floats in [0, 1], or a list of paths / PIL
+    images / arrays. 8-bit RGB, greyscale and palette files are converted to RGB; 16-bit / float
+    files, images below MIN_SIDE pixels a side and empty arrays are refused (never clipped)."""
     from PIL import Image
 
     if isinstance(images, np.ndarray):
@@ -38,42 +45,76 @@ def as_image_batch(images, name: str = "images") -> list[np.ndarray]:
             items = list(images)
         except TypeError:
             raise InputError(f"{name}: expected images (array, paths or PIL images), got {type(images).__name__}") from None
-    out = []
+    out, labels = [], []
     for i, item in enumerate(items):
-        label = f"{name}[{i}]" + (f" ({item})" if isinstance(item, (str, os.PathLike)) else "")
+        label = image_label(name, i, item)
         if isinstance(item, (str, os.PathLike)):
             if not Path(item).is_file():
                 raise InputError(f"{label}: no such image file")
             try:
                 with Image.open(item) as im:
-                    item = np.asarray(im.convert("RGB"))
+                    im.load()
+                    item = _pil_to_rgb(im, label)
+            except InputError:
+                raise
             except Exception as exc:  # PIL raises several types for unreadable files
                 raise InputError(f"{label}: cannot read image: {exc}") from None
         elif isinstance(item, Image.Image):
-            item = np.asarray(item.convert("RGB"))
+            item = _pil_to_rgb(item, label)
         arr = np.asarray(item)
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise InputError(f"{label}: expected an (H, W, 3) RGB image, got shape {arr.shape}")
+        if min(arr.shape[:2]) < MIN_SIDE:
+            raise InputError(f"{label}: {arr.shape[1]}x{arr.shape[0]} pixels is too small to hold a face "
+                             f"(at least {MIN_SIDE}x{MIN_SIDE})")
         if arr.dtype != np.uint8:
             if np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1:
                 arr = (arr * 255 + 0.5).astype(np.uint8)
             else:
                 raise InputError(f"{label}: expected uint8 pixels (or floats in [0, 1]), got {arr.dtype}")
         out.append(np.ascontiguousarray(arr))
+        labels.append(label)
     if not out:
         raise InputError(f"{name}: no images given")
-    return out
+    return (out, labels) if with_labels else out
+
+
+MIN_SIDE = 16  # the testbed's faces are 32 px; nothing smaller holds a recognisable face
+
+
+def _pil_to_rgb(im, label: str) -> np.ndarray:
+    # modes "I;16", "I", "F" hold more than 8 bits: PIL's convert("RGB") clips them to white
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        raise InputError(f"{label}: {im.mode} images ({'16-bit' if '16' in im.mode else '32-bit'} greyscale) are "
+                         "not supported; save it as 8-bit RGB")
+    return np.asarray(im.convert("RGB"))
 
 
 class IdentityEncoder(abc.ABC):
-    """Base interface: `encode(images) -> torch.float32 (N, 512)`, unit norm."""
+    """The contract every identity encoder implements (testbed network, insightface ArcFace ONNX).
+
+    - `encode(images, name=...)`: uint8 (N, H, W, 3), paths or PIL images -> float32 (N, 512), unit
+      norm. Errors name the offending image by `name[i]` and file name.
+    - `encode_tensor(x)`: generated images, float (N, 3, H, W) in [-1, 1] -> (N, 512) unit norm.
+      Differentiable when `differentiable` is True (the testbed network); otherwise computed
+      without gradients (ONNX Runtime).
+    - `fingerprint()`: a hash of the weights, so caches keyed by it follow the encoder."""
 
     embedding_dim: int = EMBED_DIM
     name: str = "encoder"
+    differentiable: bool = False
 
     @abc.abstractmethod
-    def encode(self, images) -> torch.Tensor:
+    def encode(self, images, name: str = "images") -> torch.Tensor:
         """images: uint8 (N, H, W, 3), or a list of paths / PIL images / arrays."""
+
+    @abc.abstractmethod
+    def encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float (N, 3, H, W) in [-1, 1] (what generators return) -> (N, 512) unit norm."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """Stable hash of the weights (hex)."""
 
     def __call__(self, images) -> torch.Tensor:
         return self.encode(images)
@@ -83,6 +124,7 @@ class TestbedEncoder(IdentityEncoder):
     """The testbed's ArcFace-style network (32x32 faces). Images of any size are area-resized."""
 
     name = "testbed-arcface"
+    differentiable = True
 
     def __init__(self, net: torch.nn.Module, resolution: int = 32):
         self.net = net.eval()
@@ -114,9 +156,14 @@ class TestbedEncoder(IdentityEncoder):
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="area")
         return F.normalize(self.net(x).float(), dim=1)
 
+    def fingerprint(self) -> str:
+        from fastforget.models.registry import module_fingerprint
+
+        return module_fingerprint(self.net)
+
     @torch.no_grad()
-    def encode(self, images, batch_size: int = 512) -> torch.Tensor:
-        arrs = as_image_batch(images)
+    def encode(self, images, name: str = "images", batch_size: int = 512) -> torch.Tensor:
+        arrs = as_image_batch(images, name=name)
         out = []
         for i in range(0, len(arrs), batch_size):
             chunk = arrs[i:i + batch_size]
@@ -134,13 +181,33 @@ def load_encoder(spec="demo", **kwargs) -> IdentityEncoder:
     ArcFace `.onnx` (or a folder holding one): the real encoder, run with ONNX Runtime."""
     if isinstance(spec, IdentityEncoder):
         return spec
-    if spec == "demo":
+    if isinstance(spec, str) and spec == "demo":
         from fastforget.testbed import weights_dir
 
         return TestbedEncoder.from_file(weights_dir() / "encoder.safetensors")
+    if not isinstance(spec, (str, os.PathLike)):
+        raise InputError(f"encoder: expected 'demo', a path to an ArcFace .onnx, or an IdentityEncoder; got "
+                         f"{type(spec).__name__}")
     path = Path(spec)
     if path.suffix == ".safetensors":
         return TestbedEncoder.from_file(path)
     from fastforget.identity.arcface import ArcFaceOnnxEncoder
 
     return ArcFaceOnnxEncoder.load(path, **kwargs)
+
+
+_DEMO_ENCODER: list = []
+
+
+def resolve_encoder(encoder, model, what: str) -> IdentityEncoder:
+    """The caller's encoder; on the testbed (loaded as "demo") its own encoder by default. Any other model
+    needs the caller's: there is no silent fallback to the testbed's network."""
+    if encoder is not None:
+        return load_encoder(encoder)
+    if getattr(model, "is_testbed", False):
+        if not _DEMO_ENCODER:
+            _DEMO_ENCODER.append(load_encoder("demo"))
+        return _DEMO_ENCODER[0]
+    raise InputError(f"encoder: {what} on {getattr(model, 'source', None) or type(model).__name__} needs the identity "
+                     "encoder the model was trained with; pass encoder=ff.load_encoder('path/to/arcface.onnx') "
+                     "(the testbed's encoder is the default only for ff.load('demo'))")

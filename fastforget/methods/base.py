@@ -10,6 +10,7 @@ import torch
 from fastforget.errors import InputError, UnknownMethodError
 
 _REGISTRY: dict = {}
+_VALIDATORS: dict = {}
 
 
 @dataclass
@@ -27,16 +28,27 @@ class ErasureRequest:
     preserve: torch.Tensor | None = None
     salt: str = "fastforget"
     extra: dict = field(default_factory=dict)
+    encoder: object = None          # the caller's IdentityEncoder (methods that score images use it)
+    preserve_key: str | None = None  # cache key of `preserve` (statistics of it are cached on disk)
 
 
-def register_method(name: str):
-    """Decorator: `fit(model, request, *, seed, progress, **options) -> Patch` registered under `name`."""
+def register_method(name: str, validate=None):
+    """Decorator: `fit(model, request, *, seed, progress, **options) -> Patch` registered under `name`.
+    `validate(options) -> None` raises InputError for bad options; erase() calls it before any work."""
 
     def deco(fn):
         _REGISTRY[name] = fn
+        if validate is not None:
+            _VALIDATORS[name] = validate
         return fn
 
     return deco
+
+
+def validate_options(name: str, options: dict) -> None:
+    get_method(name)
+    if name in _VALIDATORS:
+        _VALIDATORS[name](dict(options))
 
 
 def get_method(name: str):

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from fastforget.errors import InputError
 from fastforget.methods.base import ErasureRequest, check_int, check_number, merge_options, register_method
+from fastforget.models.unconditional import UnconditionalDiffusion  # noqa: F401  (moved to models/; kept importable)
 from fastforget.patch import Patch, fingerprint_embeddings
 
 EMBED_DIM = 512
@@ -146,33 +147,6 @@ def _public_config(cfg: dict, encoder) -> dict:
 
 
 # ================================================================ the h-space view of a model
-class UnconditionalDiffusion:
-    """A plain unconditional diffusion model (e.g. DDPM CelebA-HQ: diffusers `UNet2DModel` + scheduler)
-    in the shape `fit` and `Patch` expect: `.unet`, `.scheduler`, no text encoder, pixel-space codec."""
-
-    family = "unconditional"
-
-    def __init__(self, unet, scheduler=None, source: str | None = None):
-        from diffusers import DDPMScheduler
-
-        self.unet = unet
-        self.scheduler = scheduler if scheduler is not None else DDPMScheduler(num_train_timesteps=1000)
-        self.text_encoder = None
-        self.vae = None
-        self.source = source
-        self.codec = None
-        self.resolution = unet.config.sample_size if isinstance(unet.config.sample_size, int) \
-            else unet.config.sample_size[0]
-        unet.eval().requires_grad_(False)
-
-    @property
-    def device(self):
-        return next(self.unet.parameters()).device
-
-    def clone(self) -> "UnconditionalDiffusion":
-        return UnconditionalDiffusion(copy.deepcopy(self.unet), self.scheduler, self.source)
-
-
 class _MidHook:
     """Forward hook on `mid_block`: records its output and/or adds a per-sample shift to it."""
 
@@ -579,10 +553,11 @@ def _as_sources(hs: HSpace, x, cfg: dict, seed: int) -> tuple[torch.Tensor, str]
     return t, "images"
 
 
-def _load_encoder(encoder):
-    from fastforget.identity import load_encoder
+def _load_encoder(encoder, model):
+    """The caller's encoder; the testbed's only for the testbed model (no silent fallback)."""
+    from fastforget.identity.encoder import resolve_encoder
 
-    return load_encoder("demo" if encoder is None else encoder)
+    return resolve_encoder(encoder, model, "bia")
 
 
 # ================================================================ edit mode
@@ -599,7 +574,7 @@ def bia_edit(model, image_or_embedding, encoder=None, *, seed: int = 0, progress
     from fastforget.svm import nearest_to_hyperplane, sample_neighbors
 
     cfg = resolve_options(options, allowed=EDIT_KEYS)
-    encoder = _load_encoder(encoder)
+    encoder = _load_encoder(encoder, model)
     hs = HSpace(model)
     sources, origin = _as_sources(hs, image_or_embedding, cfg, seed)
     gen = torch.Generator().manual_seed(seed)
@@ -663,7 +638,7 @@ def _check_request(request: ErasureRequest) -> None:
         raise InputError(f"bia: request.targets must be a non-empty (N, {EMBED_DIM}) tensor")
 
 
-@register_method("bia")
+@register_method("bia", validate=lambda o: resolve_options(o))
 def fit_bia(model, request: ErasureRequest, *, seed: int = 0, progress: bool = True, **options) -> Patch:
     """BIA `absorb`: fine-tune the weights after the mid block so that codes inside each target's black
     hole decode as the teacher decodes them pushed across the boundary; codes outside and other
@@ -686,7 +661,7 @@ def fit_bia(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
     _check_request(request)
     t_start = time.perf_counter()
     timings = {}
-    encoder = _load_encoder(cfg["encoder"])
+    encoder = _load_encoder(cfg["encoder"] if cfg["encoder"] is not None else request.encoder, model)
     hs = HSpace(model)
     _trainable_params(hs.unet, cfg["trainable"])  # unknown module names fail before any work
     device = hs.device

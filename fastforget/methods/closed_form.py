@@ -20,21 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from fastforget import __version__
-from fastforget.methods.base import ErasureRequest, attn2_kv_names, merge_options, register_method
+from fastforget.errors import InputError
+from fastforget.identity.embeddings import unit_vectors_at_cosine as neighbours_of
+from fastforget.methods.base import (ErasureRequest, attn2_kv_names, check_int, check_number, merge_options,
+                                     register_method)
 from fastforget.patch import Patch, fingerprint_embeddings, get_parameter
-
-
-def neighbours_of(targets: torch.Tensor, n: int, cos_range=(0.75, 0.95), seed: int = 0) -> torch.Tensor:
-    """(K*n, 512): unit vectors at a cosine drawn from cos_range to each target (grouped by target)."""
-    if n <= 0:
-        return targets.new_zeros((0, targets.shape[1]))
-    g = torch.Generator().manual_seed(seed)
-    k, d = targets.shape
-    t = targets.repeat_interleave(n, 0)
-    u = torch.randn(k * n, d, generator=g, dtype=torch.float64).to(t.dtype)
-    u = F.normalize(u - (u * t).sum(1, keepdim=True) * t, dim=1)
-    c = torch.empty(k * n, 1).uniform_(*cos_range, generator=g)
-    return F.normalize(c * t + (1 - c ** 2).sqrt() * u, dim=1)
 
 
 @torch.no_grad()
@@ -47,25 +37,29 @@ def _states(model, emb: torch.Tensor, batch: int = 256) -> torch.Tensor:
 _GRAM_CACHE: dict = {}
 
 
-def _text_encoder_key(model) -> tuple:
-    # identity of the module plus torch's in-place version counters: any weight edit changes the key
-    return id(model.text_encoder), sum(p._version for p in model.text_encoder.parameters())
-
-
 @torch.no_grad()
-def _gram(model, emb: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def _gram(model, emb: torch.Tensor, batch: int = 256, disk: bool = False) -> torch.Tensor:
     """Σ over embeddings and tokens of c cᵀ, accumulated in float64 chunk by chunk. Cached (MACE's
-    cached preservation statistics): the text encoder is not edited, so the next request reuses it."""
+    cached preservation statistics) in memory and, with `disk` (the large preservation set), in the
+    user's cache folder keyed by the text encoder's weight hash: the next request reuses it."""
     import hashlib
 
-    key = (_text_encoder_key(model), hashlib.sha1(emb.detach().cpu().numpy().tobytes()).hexdigest(), len(emb))
+    from fastforget.identity.preservation import load_cached_tensor, save_cached_tensor
+    from fastforget.models.registry import module_fingerprint
+
+    key = hashlib.sha256((module_fingerprint(model.text_encoder) + str(tuple(model._prompt_ids[0].tolist()))).encode()
+                         + emb.detach().float().cpu().numpy().tobytes()).hexdigest()
     if key in _GRAM_CACHE:
         return _GRAM_CACHE[key].clone()
-    d = model.text_width
-    g = torch.zeros(d, d, dtype=torch.float64)
-    for i in range(0, len(emb), batch):
-        s = _states(model, emb[i:i + batch]).reshape(-1, d)
-        g += s.T @ s
+    g = load_cached_tensor("gram", key) if disk else None
+    if g is None:
+        d = model.text_width
+        g = torch.zeros(d, d, dtype=torch.float64)
+        for i in range(0, len(emb), batch):
+            s = _states(model, emb[i:i + batch]).reshape(-1, d)
+            g += s.T @ s
+        if disk:
+            save_cached_tensor("gram", key, g)
     if len(_GRAM_CACHE) > 8:
         _GRAM_CACHE.clear()
     _GRAM_CACHE[key] = g.clone()
@@ -88,7 +82,7 @@ def solve_kv_map(model, request: ErasureRequest, *, erase_weight: float, preserv
         gp += _gram(model, request.retain)
         n_keep += len(request.retain) * model._prompt_ids.shape[1]
     if use_preserve and request.preserve is not None and len(request.preserve):
-        gp += _gram(model, request.preserve)
+        gp += _gram(model, request.preserve, disk=True)
         n_keep += len(request.preserve) * model._prompt_ids.shape[1]
     eye = torch.eye(d, dtype=torch.float64)
     a = lam * eye + erase_weight * (ct.T @ ct) + preserve_weight * gp
@@ -99,8 +93,29 @@ def solve_kv_map(model, request: ErasureRequest, *, erase_weight: float, preserv
     return t, {"target_rows": ct.shape[0], "preserved_rows": n_keep, "rows_per_target": n_per}
 
 
-def _fit(name, model, request, *, seed, progress, defaults, options):
+def _resolve(name: str, defaults: dict, options: dict) -> dict:
     cfg = merge_options(name, defaults, options)
+    check_number(name, cfg, "erase_weight", 0.0, strict=True)
+    check_number(name, cfg, "preserve_weight", 0.0)
+    check_number(name, cfg, "lam", 0.0, strict=True)  # λI keeps A positive definite
+    check_int(name, cfg, "neighbours", 0)
+    v = cfg["neighbour_cos"]
+    try:
+        lo, hi = (float(x) for x in v)
+        ok = not isinstance(v, str) and all(not isinstance(x, bool) for x in v) and -1.0 <= lo <= hi < 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"{name}: option 'neighbour_cos' must be a (low, high) pair of cosines with "
+                         f"-1 <= low <= high < 1, got {v!r}")
+    cfg["neighbour_cos"] = [lo, hi]
+    if not isinstance(cfg["use_preserve"], bool):
+        raise InputError(f"{name}: option 'use_preserve' must be True or False, got {cfg['use_preserve']!r}")
+    return cfg
+
+
+def _fit(name, model, request, *, seed, progress, defaults, options):
+    cfg = _resolve(name, defaults, options)
     tmap, counts = solve_kv_map(model, request, erase_weight=cfg["erase_weight"],
                                 preserve_weight=cfg["preserve_weight"], lam=cfg["lam"],
                                 neighbours=cfg["neighbours"], neighbour_cos=tuple(cfg["neighbour_cos"]),
@@ -123,12 +138,12 @@ UCE_DEFAULTS = {"erase_weight": 20.0, "preserve_weight": 1.0, "lam": 0.7, "neigh
                 "neighbour_cos": [0.75, 0.95], "use_preserve": False}
 
 
-@register_method("closed_form")
+@register_method("closed_form", validate=lambda o: _resolve("closed_form", CLOSED_FORM_DEFAULTS, o))
 def fit_closed_form(model, request: ErasureRequest, *, seed: int = 0, progress: bool = True, **options) -> Patch:
     return _fit("closed_form", model, request, seed=seed, progress=progress, defaults=CLOSED_FORM_DEFAULTS,
                 options=options)
 
 
-@register_method("uce")
+@register_method("uce", validate=lambda o: _resolve("uce", UCE_DEFAULTS, o))
 def fit_uce(model, request: ErasureRequest, *, seed: int = 0, progress: bool = True, **options) -> Patch:
     return _fit("uce", model, request, seed=seed, progress=progress, defaults=UCE_DEFAULTS, options=options)

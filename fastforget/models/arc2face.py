@@ -18,40 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastforget.errors import EmbeddingError, ModelLoadError
+from fastforget.errors import InputError, ModelLoadError
+from fastforget.identity.embeddings import check_embeddings, to_uint8  # noqa: F401  (re-exported)
+from fastforget.models.registry import MANIFEST, read_json_config, read_manifest, register_adapter, register_builtin
 
 PROMPT = "photo of a id person"
 ID_TOKEN = "id"
-MANIFEST = "fastforget.json"
-
-
-def check_embeddings(emb, dim: int = 512, name: str = "embeddings") -> torch.Tensor:
-    """(N, dim) finite, non-zero float32, L2-normalised. Raises EmbeddingError naming `name`."""
-    if isinstance(emb, np.ndarray):
-        emb = torch.from_numpy(emb)
-    if not isinstance(emb, torch.Tensor):
-        try:
-            emb = torch.as_tensor(np.asarray(emb, dtype=np.float32))
-        except (TypeError, ValueError):
-            raise EmbeddingError(f"{name}: expected an (N, {dim}) array of embeddings, got {type(emb).__name__}") from None
-    if emb.ndim == 1:
-        emb = emb[None]
-    if emb.ndim != 2 or emb.shape[1] != dim:
-        raise EmbeddingError(f"{name}: expected shape (N, {dim}), got {tuple(emb.shape)} "
-                             f"(wrong embedding size: ArcFace embeddings are {dim}-d)")
-    emb = emb.detach().float()
-    bad = ~torch.isfinite(emb).all(dim=1)
-    if bad.any():
-        raise EmbeddingError(f"{name}: row(s) {bad.nonzero().flatten().tolist()[:10]} contain NaN or inf")
-    norms = emb.norm(dim=1)
-    if (norms < 1e-6).any():
-        raise EmbeddingError(f"{name}: row(s) {(norms < 1e-6).nonzero().flatten().tolist()[:10]} are zero vectors")
-    return emb / norms[:, None]
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
-    return ((x.detach().float().permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
 
 
 class Codec:
@@ -71,10 +43,25 @@ class Codec:
         return F.pixel_shuffle(z, self.unshuffle) if self.unshuffle > 1 else z
 
 
+def share_copy(module, prefix: str, only=None):
+    """deepcopy of `module`; with `only` (qualified names `prefix.param`), tensors not named there are
+    the same objects as in `module` (deepcopy's memo maps each to itself)."""
+    import copy
+
+    if module is None:
+        return None
+    if only is None:
+        return copy.deepcopy(module)
+    keep = {n.partition(".")[2] for n in only if n.partition(".")[0] == prefix}
+    memo = {id(t): t for n, t in list(module.named_parameters()) + list(module.named_buffers()) if n not in keep}
+    return copy.deepcopy(module, memo)
+
+
 class Arc2FaceModel:
     """UNet2DConditionModel + CLIPTextModel conditioned on ArcFace embeddings."""
 
     family = "arc2face"
+    is_testbed = False  # True only when loaded by its built-in name ("demo")
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, *, unshuffle: int = 1,
                  resolution: int | None = None, source: str | None = None):
@@ -86,6 +73,11 @@ class Arc2FaceModel:
         scale = (2 ** (len(vae.config.block_out_channels) - 1)) if vae is not None else unshuffle
         self.resolution = resolution or unet.config.sample_size * scale
         self.text_width = text_encoder.config.hidden_size
+        # a plain CLIPTokenizer save may lack model_max_length (then it is ~1e30): the text encoder's
+        # positions are the length to use (77 for Arc2Face)
+        positions = text_encoder.config.max_position_embeddings
+        if not isinstance(tokenizer.model_max_length, int) or not 0 < tokenizer.model_max_length <= positions:
+            tokenizer.model_max_length = positions
         ids = tokenizer(PROMPT, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         id_token = tokenizer.encode(ID_TOKEN, add_special_tokens=False)
@@ -143,7 +135,10 @@ class Arc2FaceModel:
 
     def initial_noise(self, n: int, seed=0) -> torch.Tensor:
         """Per-image noise: image i uses seed + i, so a batch and its parts give the same images."""
-        seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(n)]
+        from fastforget.models.common import check_seed
+
+        seeds = [check_seed(s, 1, f"seed[{i}]") for i, s in enumerate(seed)] if isinstance(seed, (list, tuple)) \
+            else [check_seed(seed, n) + i for i in range(n)]
         shape = self.sample_shape(1)[1:]
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
@@ -154,6 +149,9 @@ class Arc2FaceModel:
         """Images (N, 3, H, W) in [-1, 1]. Give embeddings, or precomputed `cond` states."""
         from tqdm import tqdm
 
+        from fastforget.models.common import check_sampling
+
+        steps, guidance = check_sampling(steps, guidance, scheduler=self.scheduler)
         if cond is None:
             cond = self.condition(embeddings)
         n = cond.shape[0]
@@ -177,12 +175,14 @@ class Arc2FaceModel:
             out.append(self.codec.decode(z).float().clamp(-1, 1))
         return torch.cat(out)
 
-    def generate(self, embeddings, seed=0, steps: int = 25, guidance: float = 3.0, **kw):
-        """List of PIL images generated from identity embeddings (Arc2Face defaults: 25 DPM steps, CFG 3)."""
-        from PIL import Image
+    def generate(self, embeddings, seed=0, steps: int = 25, guidance: float = 3.0, output_type: str = "pil", **kw):
+        """Images generated from identity embeddings (Arc2Face defaults: 25 DPM steps, CFG 3), in diffusers'
+        `output_type` convention: "pil" (list of PIL images), "np" (float32 NHWC in [0, 1]), "pt" (NCHW in [0, 1])."""
+        from fastforget.models.common import check_sampling, format_images
 
-        x = self.generate_tensor(embeddings, seed=seed, steps=steps, guidance=guidance, **kw)
-        return [Image.fromarray(a) for a in to_uint8(x)]
+        check_sampling(steps, guidance, output_type, self.scheduler)
+        return format_images(self.generate_tensor(embeddings, seed=seed, steps=steps, guidance=guidance, **kw),
+                             output_type)
 
     # ------------------------------------------------------------ persistence
     def save_pretrained(self, directory, overwrite: bool = False) -> Path:
@@ -202,87 +202,172 @@ class Arc2FaceModel:
                 "prompt": PROMPT, "source": self.source}, indent=2))
         return Path(directory)
 
-    def clone(self) -> "Arc2FaceModel":
-        """A deep copy whose weights can be edited without touching this model."""
-        import copy
-
-        return Arc2FaceModel(copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder), self.tokenizer,
-                             self.scheduler, self.vae, unshuffle=self.unshuffle, resolution=self.resolution,
-                             source=self.source)
+    def clone(self, only=None) -> "Arc2FaceModel":
+        """A copy whose weights can be edited without touching this model. With `only` (qualified
+        parameter names, e.g. a patch's `names`), every other parameter and buffer is shared with this
+        model instead of copied: an erased model costs the size of its patch, not a second model."""
+        m = Arc2FaceModel(share_copy(self.unet, "unet", only), share_copy(self.text_encoder, "text_encoder", only),
+                          self.tokenizer, self.scheduler, share_copy(self.vae, "vae", only), unshuffle=self.unshuffle,
+                          resolution=self.resolution, source=self.source)
+        m.is_testbed = getattr(self, "is_testbed", False)
+        return m
 
 
 # ---------------------------------------------------------------- loading
+def _check_finite(module, where: Path, allow_nonfinite: bool) -> None:
+    """Weights with NaN / inf generate NaN images; refuse them unless the caller opts out."""
+    if module is None or allow_nonfinite:
+        return
+    for name, p in module.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ModelLoadError(f"{where}: weight {name!r} contains NaN or inf (pass allow_nonfinite=True to load "
+                                 "it anyway)")
+
+
+def low_cpu_mem() -> dict:
+    """diffusers loads straight into the weights (no random init, no second copy) only with accelerate."""
+    import importlib.util
+
+    return {"low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
+
+
+def _config_class(folder: Path, config_cls):
+    cfg = read_json_config(folder / "config.json")
+    try:
+        return config_cls.from_dict(cfg)
+    except Exception as exc:
+        raise ModelLoadError(f"{folder / 'config.json'}: not a valid {config_cls.__name__} ({str(exc)[:200]})") from None
+
+
 def _load_text_encoder(folder: Path):
     """CLIPTextModel from safetensors, or from Arc2Face's transformers-4 `pytorch_model.bin`
     (keys under `text_model.`), which is read with weights_only=True (no code runs)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: missing (expected a CLIPTextModel folder)")
+    config = _config_class(folder, CLIPTextConfig)
     if (folder / "model.safetensors").is_file():
-        return CLIPTextModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-    binf = folder / "pytorch_model.bin"
-    if not binf.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(folder / "model.safetensors"))
+        except Exception as exc:
+            raise ModelLoadError(f"{folder / 'model.safetensors'}: unreadable ({str(exc)[:200]})") from None
+        where = folder / "model.safetensors"
+    elif (folder / "pytorch_model.bin").is_file():
+        where = folder / "pytorch_model.bin"
+        try:
+            state = torch.load(where, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelLoadError(f"{where}: cannot be read as plain tensors ({str(exc)[:200]})") from None
+        if not isinstance(state, dict):
+            raise ModelLoadError(f"{where}: expected a state dict, got {type(state).__name__}")
+    else:
         raise ModelLoadError(f"{folder}: no model.safetensors or pytorch_model.bin")
     try:
-        state = torch.load(binf, map_location="cpu", weights_only=True)
+        model = CLIPTextModel(config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except Exception as exc:
-        raise ModelLoadError(f"{binf}: cannot be read as plain tensors ({str(exc)[:200]})") from None
-    model = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, local_files_only=True))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        raise ModelLoadError(f"{where}: weights do not fit {folder / 'config.json'} ({str(exc)[:200]})") from None
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing:
-        raise ModelLoadError(f"{binf}: missing weights {missing[:5]}")
-    return model
+        raise ModelLoadError(f"{where}: missing weights {missing[:5]}")
+    return model.float()
 
 
 def _load_unet(folder: Path):
     from diffusers import UNet2DConditionModel
 
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"{folder}: no config.json (expected a diffusers UNet2DConditionModel folder)")
+    read_json_config(folder / "config.json")  # missing / garbage config names the file
     try:
         return UNet2DConditionModel.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32,
-                                                    low_cpu_mem_usage=False)
+                                                    **low_cpu_mem())
     except Exception as exc:
         raise ModelLoadError(f"{folder}: cannot load UNet2DConditionModel ({str(exc)[:300]})") from None
+
+
+def _load_vae(folder: Path):
+    from diffusers import AutoencoderKL
+
+    read_json_config(folder / "config.json")
+    try:
+        return AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32,
+                                                    **low_cpu_mem())
+    except Exception as exc:
+        raise ModelLoadError(f"{folder}: cannot load AutoencoderKL ({str(exc)[:300]})") from None
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
+        raise ModelLoadError(f"{folder}: missing CLIP tokenizer files (vocab.json, merges.txt); nothing is "
+                             "downloaded, so the tokenizer must be on disk")
+    try:
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{folder}: cannot load CLIPTokenizer ({str(exc)[:200]})") from None
 
 
 SCHEDULERS = ("DPMSolverMultistepScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "PNDMScheduler",
               "DDPMScheduler", "EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler")
 
 
-def _load_scheduler(folder: Path, default: str = "DPMSolverMultistepScheduler"):
+def load_scheduler(folder: Path, default: str = "DPMSolverMultistepScheduler"):
     """The scheduler class named in the folder's config (from a fixed list of diffusers classes).
     An SD-1.5 base folder names PNDM: Arc2Face samples with DPMSolverMultistep, so `default` wins there."""
     import diffusers
 
     cfg_file = folder / "scheduler_config.json"
-    if not cfg_file.is_file():
-        raise ModelLoadError(f"{folder}: no scheduler_config.json")
-    name = json.loads(cfg_file.read_text()).get("_class_name", default)
+    cfg = read_json_config(cfg_file)
+    name = cfg.get("_class_name", default)
     name = name if name in SCHEDULERS and name != "PNDMScheduler" else default
-    return getattr(diffusers, name).from_pretrained(folder, local_files_only=True)
+    try:
+        sched = getattr(diffusers, name).from_config(cfg)
+    except Exception as exc:
+        raise ModelLoadError(f"{cfg_file}: not a valid {name} config ({str(exc)[:200]})") from None
+    n = sched.config.num_train_timesteps
+    if not isinstance(n, int) or n < 2:
+        raise ModelLoadError(f"{cfg_file}: num_train_timesteps must be an integer >= 2, got {n!r}")
+    return sched
 
 
-def load_arc2face(path, base=None) -> Arc2FaceModel:
+_load_scheduler = load_scheduler  # older name
+
+
+def _check_geometry(unet, unshuffle, vae, where: Path) -> int:
+    """The sample space must match: pixel models carry 3·unshuffle² channels, latent models the VAE's."""
+    if isinstance(unshuffle, bool) or not isinstance(unshuffle, int) or unshuffle < 1:
+        raise ModelLoadError(f"{where}: 'unshuffle' must be an integer >= 1, got {unshuffle!r}")
+    c = unet.config
+    want = vae.config.latent_channels if vae is not None else 3 * unshuffle ** 2
+    if c.in_channels != want or c.out_channels != want:
+        what = "the VAE's latent channels" if vae is not None else f"3 x unshuffle^2 (unshuffle = {unshuffle})"
+        raise ModelLoadError(f"{where}: the UNet has {c.in_channels} in / {c.out_channels} out channels, but "
+                             f"{what} is {want}")
+    return unshuffle
+
+
+def load_arc2face(path, base=None, allow_nonfinite: bool = False) -> Arc2FaceModel:
     """Load a fastforget folder, or the Arc2Face release layout with `base` = SD-1.5 folder."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTokenizer
-
     root = Path(path)
     if not root.is_dir():
         raise ModelLoadError(f"model folder not found: {root}")
-    if (root / MANIFEST).is_file():
-        meta = json.loads((root / MANIFEST).read_text())
+    meta = read_manifest(root)
+    if meta is not None:
+        if meta.get("family", "arc2face") != "arc2face":
+            raise ModelLoadError(f"{root / MANIFEST}: family {meta.get('family')!r} is not arc2face")
         unet = _load_unet(root / "unet")
         text_encoder = _load_text_encoder(root / "text_encoder")
-        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-        scheduler = _load_scheduler(root / "scheduler")
-        vae = (AutoencoderKL.from_pretrained(root / "vae", local_files_only=True, torch_dtype=torch.float32,
-                                             low_cpu_mem_usage=False)
-               if (root / "vae").is_dir() else None)
-        return Arc2FaceModel(unet, text_encoder, tokenizer, scheduler, vae, unshuffle=int(meta.get("unshuffle", 1)),
-                             resolution=meta.get("resolution"), source=str(root))
-    if (root / "arc2face").is_dir() and (root / "encoder").is_dir():
+        tokenizer = _load_tokenizer(root / "tokenizer")
+        scheduler = load_scheduler(root / "scheduler")
+        vae = _load_vae(root / "vae") if (root / "vae").is_dir() else None
+        unshuffle = _check_geometry(unet, meta.get("unshuffle", 1), vae, root / MANIFEST)
+        resolution = meta.get("resolution")
+        if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
+            raise ModelLoadError(f"{root / MANIFEST}: 'resolution' must be a positive integer, got {resolution!r}")
+    elif (root / "arc2face").is_dir() and (root / "encoder").is_dir():
         if base is None:
             raise ModelLoadError(f"{root}: Arc2Face release layout needs base= an SD-1.5 folder "
                                  "(tokenizer/, vae/, scheduler/)")
@@ -292,13 +377,48 @@ def load_arc2face(path, base=None) -> Arc2FaceModel:
                 raise ModelLoadError(f"base {base}: missing {sub}/")
         unet = _load_unet(root / "arc2face")
         text_encoder = _load_text_encoder(root / "encoder")
-        tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
-        scheduler = _load_scheduler(base / "scheduler")
+        tokenizer = _load_tokenizer(base / "tokenizer")
+        scheduler = load_scheduler(base / "scheduler")
         if type(scheduler).__name__ != "DPMSolverMultistepScheduler":  # Arc2Face's sampler
             from diffusers import DPMSolverMultistepScheduler
 
             scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)
-        vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True, torch_dtype=torch.float32,
-                                            low_cpu_mem_usage=False)
-        return Arc2FaceModel(unet, text_encoder, tokenizer, scheduler, vae, source=str(root))
-    raise ModelLoadError(f"{root}: unknown layout (expected {MANIFEST}, or arc2face/ + encoder/)")
+        vae = _load_vae(base / "vae")
+        unshuffle, resolution = _check_geometry(unet, 1, vae, root / "arc2face"), None
+    else:
+        raise ModelLoadError(f"{root}: unknown layout (expected {MANIFEST}, or arc2face/ + encoder/)")
+    for part, where in ((unet, "unet"), (text_encoder, "text_encoder"), (vae, "vae")):
+        _check_finite(part, root / where, allow_nonfinite)
+    if text_encoder.config.hidden_size < 512:
+        raise ModelLoadError(f"{root}: the text encoder is {text_encoder.config.hidden_size} wide; Arc2Face zero-pads "
+                             "the 512-d ArcFace embedding to the text width, so it must be at least 512")
+    try:
+        return Arc2FaceModel(unet, text_encoder, tokenizer, scheduler, vae, unshuffle=unshuffle,
+                             resolution=resolution, source=str(root))
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"{root}: the parts do not fit together ({str(exc)[:200]})") from None
+
+
+def _detect(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    meta = read_manifest(path)
+    if meta is not None:
+        return meta.get("family", "arc2face") == "arc2face"
+    return (path / "arc2face").is_dir() and (path / "encoder").is_dir()
+
+
+def _load_demo(allow_nonfinite: bool = False):
+    from fastforget.testbed import weights_dir
+
+    folder = weights_dir() / "generator"
+    if not folder.is_dir():
+        raise ModelLoadError(f"testbed generator weights missing at {folder}: reinstall fastforget or run "
+                             "python -m fastforget.testbed.train_generator")
+    return load_arc2face(folder, allow_nonfinite=allow_nonfinite)
+
+
+register_adapter("arc2face", detect=_detect, load=load_arc2face, model_types=(Arc2FaceModel,))
+register_builtin("demo", _load_demo)

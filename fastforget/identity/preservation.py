@@ -1,0 +1,137 @@
+"""Preservation sets: the many identities nobody named that an edit must leave where they are.
+
+With a face gallery at hand, pass it (`preserve=` embeddings, or `ff.gallery.from_folder`). Without
+one, the default is built from what the model and the encoder give: the generator draws faces from
+random identity vectors and the caller's encoder re-encodes them. These embeddings lie where the
+encoder puts real faces (random unit vectors do not: ArcFace embeddings of faces fill a small part
+of the sphere), so holding them fixed holds the people an edit could move. Random unit vectors are
+added to cover every direction weakly. The testbed (`ff.load("demo")`) uses 2,000 identities
+reserved for it instead.
+
+Computed once per (model weights, encoder, recipe) and cached on disk in the user's cache folder
+($FASTFORGET_CACHE, else $XDG_CACHE_HOME/fastforget, else ~/.cache/fastforget), never inside the
+model folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastforget.identity.embeddings import random_unit_vectors
+
+log = logging.getLogger("fastforget")
+
+# measured on a copy of the testbed folder (benchmarks/preservation.py): see README "Preservation"
+DEFAULT_RECIPE = {"drawn": 256, "draw_steps": 10, "draw_guidance": 3.0, "random": 2000, "seed": 0, "version": 1}
+
+
+@dataclass
+class PreservationSet:
+    embeddings: torch.Tensor      # (N, 512) unit: every identity held fixed
+    anchor_pool: torch.Tensor     # (M, 512) the on-manifold part: who a target may turn into
+    kind: str                     # "gallery", "testbed", "drawn+random"
+    key: str                      # cache key (hash of model weights, encoder and recipe)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FASTFORGET_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fastforget"
+
+
+def model_key(model) -> str:
+    from fastforget.models.registry import module_fingerprint
+
+    return module_fingerprint(*(getattr(model, part, None) for part in ("unet", "text_encoder", "vae")))
+
+
+def from_gallery(embeddings: torch.Tensor) -> PreservationSet:
+    key = hashlib.sha256(embeddings.detach().cpu().numpy().tobytes()).hexdigest()
+    return PreservationSet(embeddings, embeddings, "gallery", key)
+
+
+def testbed_set(encoder) -> PreservationSet:
+    from fastforget.identity.anchors import testbed_gallery
+
+    g = testbed_gallery(encoder)
+    return PreservationSet(g, g, "testbed", "testbed-" + encoder.fingerprint()[:16])
+
+
+@torch.no_grad()
+def drawn_identities(model, encoder, n: int, *, steps: int, guidance: float, seed: int, progress: bool = True,
+                     batch: int = 16) -> torch.Tensor:
+    """n embeddings of faces the model draws from random identity vectors, re-encoded by `encoder`."""
+    from tqdm import tqdm
+
+    z = random_unit_vectors(n, seed=seed + 1)
+    out = []
+    for i in tqdm(range(0, n, batch), desc="preservation set: drawing identities", disable=not progress,
+                  leave=False):
+        imgs = model.generate_tensor(z[i:i + batch], seed=seed + 10_000 + i, steps=steps, guidance=guidance)
+        out.append(encoder.encode_tensor(imgs).float().cpu())
+    return F.normalize(torch.cat(out), dim=1)
+
+
+def default_set(model, encoder, *, progress: bool = True, recipe: dict | None = None,
+                use_cache: bool = True) -> PreservationSet:
+    """The default preservation set for `model` scored by `encoder` (see the module docstring)."""
+    if getattr(model, "is_testbed", False):
+        return testbed_set(encoder)
+    recipe = {**DEFAULT_RECIPE, **(recipe or {})}
+    key = hashlib.sha256(json.dumps({"model": model_key(model), "encoder": encoder.fingerprint(),
+                                     "recipe": recipe}, sort_keys=True).encode()).hexdigest()
+    path = cache_dir() / "preservation" / f"{key}.safetensors"
+    if use_cache and path.is_file():
+        try:
+            from safetensors.torch import load_file
+
+            t = load_file(str(path))
+            return PreservationSet(t["embeddings"], t["anchor_pool"], "drawn+random", key)
+        except Exception as exc:  # a damaged cache entry is recomputed, never trusted
+            log.warning("preservation cache %s unreadable (%s); recomputing", path, exc)
+    drawn = drawn_identities(model, encoder, recipe["drawn"], steps=recipe["draw_steps"],
+                             guidance=recipe["draw_guidance"], seed=recipe["seed"], progress=progress) \
+        if recipe["drawn"] else torch.zeros(0, 512)
+    rnd = random_unit_vectors(recipe["random"], seed=recipe["seed"] + 2)
+    emb = torch.cat([drawn, rnd]).contiguous()
+    pool = drawn if len(drawn) else rnd
+    if use_cache:
+        _save(path, {"embeddings": emb, "anchor_pool": pool.contiguous()})
+    return PreservationSet(emb, pool, "drawn+random", key)
+
+
+def _save(path: Path, tensors: dict) -> None:
+    """Best effort: a cache that cannot be written costs time, not correctness."""
+    from safetensors.torch import save
+
+    from fastforget.io import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(path, save(tensors), overwrite=True)
+    except OSError as exc:
+        log.warning("cannot write the preservation cache %s (%s); it will be recomputed next time", path, exc)
+
+
+def load_cached_tensor(name: str, key: str):
+    from safetensors.torch import load_file
+
+    path = cache_dir() / name / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(str(path))["value"]
+        except Exception as exc:
+            log.warning("cache %s unreadable (%s); recomputing", path, exc)
+    return None
+
+
+def save_cached_tensor(name: str, key: str, value: torch.Tensor) -> None:
+    _save(cache_dir() / name / f"{key}.safetensors", {"value": value.contiguous()})

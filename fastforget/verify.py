@@ -1,0 +1,174 @@
+"""verify() and its Report: the papers' metrics for any erased model. Imports no method."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastforget.errors import EmbeddingError, InputError
+from fastforget.identity.embeddings import check_embeddings, to_embeddings, to_uint8, unit_vectors_at_cosine
+
+
+def check_salt(salt) -> str:
+    if not isinstance(salt, str) or not salt:
+        raise InputError(f"salt: expected a non-empty string, got {salt!r}")
+    return salt
+
+
+# ---------------------------------------------------------------- report
+@dataclass
+class Report:
+    metrics: dict
+    details: dict = field(default_factory=dict)
+    grid: np.ndarray | None = None  # uint8 image: before/after generations
+
+    def to_json(self) -> str:
+        return json.dumps({"metrics": self.metrics, **self.details}, indent=2, sort_keys=True, default=float)
+
+    def save(self, directory) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "report.json").write_text(self.to_json())
+        if self.grid is not None:
+            from PIL import Image
+
+            Image.fromarray(self.grid).save(directory / "report.png")
+        return directory
+
+    def table(self) -> str:
+        keys = ["ism_f", "ism_r", "acc_u", "acc_r", "srk", "neighbour_ism", "stranger_ism", "drift"]
+        return "  ".join(f"{k}={self.metrics[k]:.3f}" for k in keys if self.metrics.get(k) is not None)
+
+    def __getitem__(self, k):
+        return self.metrics[k]
+
+
+def _upscale(tiles: np.ndarray, scale: int) -> np.ndarray:
+    return tiles.repeat(scale, axis=-3).repeat(scale, axis=-2) if scale > 1 else tiles
+
+
+def image_grid(rows: list[np.ndarray], scale: int = 3) -> np.ndarray:
+    """rows: each (k, H, W, 3) uint8 -> one picture, rows stacked, 2-px white gutters."""
+    h, w = rows[0].shape[1:3]
+    ncol = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (h + 2) + 2, ncol * (w + 2) + 2, 3), 255, np.uint8)
+    for i, r in enumerate(rows):
+        for j, t in enumerate(r):
+            canvas[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = t
+    return _upscale(canvas, scale)
+
+
+@torch.no_grad()
+def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0, *, baseline=None,
+           steps: int = 25, guidance: float = 3.0, neighbours: int = 8, strangers=None,
+           target_ids=None, anchors=None, salt: str = "fastforget") -> Report:
+    """Measure how well `targets` are forgotten and `retain` kept (the papers' metrics).
+
+    ISM_f / ISM_r: cosine of generations to the identity's centroid; AccU / AccR: nearest-centroid
+    accuracy among targets ∪ retain (∪ strangers); SRK = AccR / (AccU + 0.01); neighbour ISM:
+    generations from embeddings at cos 0.7–0.9 of a target, scored against the target; stranger
+    ISM: generations of other identities scored against the targets (the floor); drift: mean
+    absolute pixel change (0–1 scale) of retained generations vs `baseline` at the same seeds.
+
+    `anchors` (the identities the targets were mapped to, as `erase` chose them) join the
+    candidate classes, as in PIU's protocol where the anchor is one of the retained identities:
+    a generation that became the anchor counts as the anchor, not as the target. They also give
+    `anchor_ism`: generations of the anchors scored against their targets, the level an
+    anchor-replacement method's neighbour ISM can go down to (PIU's anchors sit at cos 0.2)."""
+    from fastforget.identity.encoder import resolve_encoder
+    from fastforget.metrics import identity_scores
+    from fastforget.models import load
+    from fastforget.models.common import check_int, check_sampling, check_seed
+    from fastforget.patch import fingerprint_embeddings
+
+    n = check_int(n, "n")
+    neighbours = check_int(neighbours, "neighbours")
+    seed = check_seed(seed, 2 ** 20, "seed")  # verify draws images at seed + offsets up to 50,000 + N
+    steps, guidance = check_sampling(steps, guidance)
+    check_salt(salt)
+    model = load(model)
+    baseline = load(baseline) if baseline is not None else None
+    encoder = resolve_encoder(encoder, model, "verify")
+    t0 = time.perf_counter()
+    tgt = to_embeddings(targets, encoder, "targets", seed=seed)
+    ret = to_embeddings(retain, encoder, "retain", seed=seed) if retain is not None else None
+    strg = to_embeddings(strangers, encoder, "strangers", seed=seed) if strangers is not None else None
+    anc = check_embeddings(anchors, name="anchors") if anchors is not None else None
+    if anc is not None and anc.shape != tgt.shape:
+        raise EmbeddingError(f"anchors: expected one per target ({tuple(tgt.shape)}), got {tuple(anc.shape)}")
+    k = len(tgt)
+    cents = [tgt] + [x for x in (ret, strg, anc) if x is not None]
+    cents = torch.cat(cents)
+    labels_all = torch.arange(len(cents))
+
+    def gen(m, emb, s):
+        return m.generate_tensor(emb.repeat_interleave(n, 0), seed=s, steps=steps, guidance=guidance)
+
+    def enc(x):
+        return encoder.encode_tensor(x)
+
+    metrics, timings = {}, {}
+    ts = time.perf_counter()
+    g_f = gen(model, tgt, seed)
+    timings["generate_targets_s"] = time.perf_counter() - ts
+    s_f = identity_scores(enc(g_f), labels_all[:k].repeat_interleave(n), cents, labels_all)
+    metrics.update(ism_f=s_f["ism"], acc_u=s_f["accuracy"])
+    if ret is not None:
+        g_r = gen(model, ret, seed + 10_000)
+        s_r = identity_scores(enc(g_r), labels_all[k:k + len(ret)].repeat_interleave(n), cents, labels_all)
+        metrics.update(ism_r=s_r["ism"], acc_r=s_r["accuracy"])
+        metrics["srk"] = metrics["acc_r"] / (metrics["acc_u"] + 0.01)
+    else:
+        g_r = None
+        metrics.update(ism_r=None, acc_r=None, srk=None)
+    # neighbours: embeddings at cos 0.7-0.9 of each target, one generation each
+    nb = unit_vectors_at_cosine(tgt, neighbours, (0.7, 0.9), seed=seed + 7)
+    g_nb = model.generate_tensor(nb, seed=seed + 20_000, steps=steps, guidance=guidance)
+    e_nb = enc(g_nb).view(k, neighbours, -1)
+    metrics["neighbour_ism"] = (e_nb * tgt[:, None]).sum(-1).mean().item()
+    if target_ids is not None:  # other photos of the target (testbed renders)
+        from fastforget.testbed import render
+
+        ims, _ = render(np.atleast_1d(target_ids), 4, seed=seed + 99)
+        other = encoder.encode(ims).view(k, 4, -1).mean(1)
+        g_o = model.generate_tensor(F.normalize(other, dim=1), seed=seed + 30_000, steps=steps, guidance=guidance)
+        metrics["other_photo_ism"] = (enc(g_o) * tgt).sum(-1).mean().item()
+    # stranger floor: generations of identities that are not the targets, scored against the targets
+    floor_src = strg if strg is not None else ret
+    if floor_src is None:
+        floor_src = F.normalize(torch.randn(8, tgt.shape[1], generator=torch.Generator().manual_seed(seed + 5)), dim=1)
+    g_s = model.generate_tensor(floor_src, seed=seed + 40_000, steps=steps, guidance=guidance)
+    metrics["stranger_ism"] = (enc(g_s) @ tgt.T).mean().item()
+    if anc is not None:
+        src = baseline if baseline is not None else model  # the anchors as the unedited model draws them
+        g_a = src.generate_tensor(anc, seed=seed + 50_000, steps=steps, guidance=guidance)
+        metrics["anchor_ism"] = (enc(g_a) * tgt).sum(-1).mean().item()
+    grid_rows = []
+    if baseline is not None:
+        b_f = gen(baseline, tgt, seed)
+        metrics["ism_f_before"] = (enc(b_f).view(k, n, -1) * tgt[:, None]).sum(-1).mean().item()
+        grid_rows += [to_uint8(b_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
+        grid_rows += [to_uint8(g_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
+        if ret is not None:
+            b_r = gen(baseline, ret, seed + 10_000)
+            metrics["drift"] = ((g_r - b_r).abs().mean() / 2).item()
+            metrics["retain_cos_to_before"] = (enc(g_r) * enc(b_r)).sum(-1).mean().item()
+            grid_rows += [to_uint8(b_r[:n]), to_uint8(g_r[:n])]
+        else:
+            metrics["drift"] = None
+    else:
+        metrics["drift"] = None
+        grid_rows = [to_uint8(g_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
+    timings["total_s"] = time.perf_counter() - t0
+    details = {"n_per_identity": n, "steps": steps, "guidance": guidance, "seed": seed, "timings": timings,
+               "targets": fingerprint_embeddings(tgt, salt), "n_retain": 0 if ret is None else len(ret),
+               "grid_rows": "rows 1..k: targets before; then targets after; then retain[0] before / after"
+               if baseline is not None else "targets after"}
+    return Report(metrics, details, image_grid(grid_rows) if grid_rows else None)
+
+
