@@ -2,7 +2,8 @@
 
 A patch holds, for each changed parameter (qualified by component: `unet.…`, `text_encoder.…`),
 its new value and its original value. `apply` checks the model still holds the original (so a
-patch cannot land on the wrong model), `revert` restores it exactly. Saved as safetensors with
+patch cannot land on the wrong model), `revert` checks it holds the new value (so reverting one
+erasure's patch cannot undo another's) and restores the original exactly. Saved as safetensors with
 the metadata as JSON in the header. Metadata never holds images or raw embeddings: only salted
 fingerprints (see `fingerprint_embeddings`).
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastforget.errors import InputError, ModelLoadError
+from fastforget.errors import InputError, ModelLoadError, PatchMismatchError
 
 FORMAT = "fastforget.patch/1"
 DEFAULT_SALT = "fastforget"
@@ -72,21 +73,38 @@ class Patch:
     def num_parameters(self) -> int:
         return sum(v.numel() for v in self.new.values())
 
+    def _first_mismatch(self, model, expected: dict):
+        """Name of the first tensor whose value on `model` is not `expected[name]`, or None."""
+        for k, v in expected.items():
+            p = get_parameter(model, k)
+            if tuple(p.shape) != tuple(v.shape) or not torch.equal(p.detach().cpu().to(v.dtype), v):
+                return k
+        return None
+
     def apply(self, model, check: bool = True):
-        """Set the new values on `model` in place; returns the model."""
+        """Set the new values on `model` in place; returns the model. With check=True (the default)
+        every tensor must first hold the patch's original value, else PatchMismatchError names the
+        first one that does not and the model is left as it was."""
         with torch.no_grad():
-            for k, v in self.new.items():
-                p = get_parameter(model, k)
-                if check and not torch.equal(p.detach().cpu().to(v.dtype), self.old[k]):
-                    raise InputError(f"patch does not fit this model: {k!r} is not the tensor the patch was made "
-                                     "from (already applied, or another model)")
+            bad = self._first_mismatch(model, self.old) if check else None
+            if bad is not None:
+                raise PatchMismatchError(f"patch does not fit this model: {bad!r} is not the tensor the patch was "
+                                         "made from (already applied, or another model)")
             for k, v in self.new.items():
                 get_parameter(model, k).copy_(v)
         return model
 
-    def revert(self, model):
-        """Restore the original values exactly; returns the model."""
+    def revert(self, model, check: bool = True):
+        """Restore the original values exactly; returns the model. With check=True (the default)
+        every tensor must first hold the patch's new value (the model is this patch applied), else
+        PatchMismatchError names the first one that does not and the model is left as it was:
+        reverting another erasure's patch would otherwise write this patch's originals over it."""
         with torch.no_grad():
+            bad = self._first_mismatch(model, self.new) if check else None
+            if bad is not None:
+                raise PatchMismatchError(f"patch cannot be reverted on this model: {bad!r} does not hold the value "
+                                         "the patch set (not applied, already reverted, edited since, or another "
+                                         "model); pass check=False to force the original values back")
             for k, v in self.old.items():
                 get_parameter(model, k).copy_(v)
         return model
