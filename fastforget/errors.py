@@ -40,6 +40,10 @@ class UnknownMethodError(InputError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class FitError(FastForgetError, RuntimeError):
+    """An erasure method produced an unusable result (non-finite weights); nothing was applied."""
+
+
 class OutputPathError(FastForgetError, OSError):
     """An output path cannot be written: its parent cannot be created or written, it is a folder
     where a file is expected (or the reverse), or replacing it would delete something it must not."""
