@@ -21,7 +21,7 @@ _LAZY = {
     "DPMSolverMultistepNumpy": "scheduler",
     "to_tensorrt": "trt", "refit": "trt", "check_tensorrt_ops": "trt", "TRT10_ONNX_OPS": "trt",
     "tensorrt_available": "trt",
-    "BackendUnavailableError": "errors",
+    "BackendUnavailableError": "errors", "ExportParityError": "errors",
     "pixel_shuffle": "_compat", "read_manifest": "_compat",
 }
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastforget.cli import _float, _int
+
 
 def add_export_parser(subparsers):
     p = subparsers.add_parser(
@@ -31,12 +33,12 @@ def add_export_parser(subparsers):
                    help="add the identity firewall to the conditioner graph (stores the erased identities' "
                         "embeddings in the graph); needs --patch and --bank")
     p.add_argument("--bank", help=".npz with arrays `targets` (K x 512) and `anchors` (K x 512) for --firewall")
-    p.add_argument("--threshold", type=float, default=0.5,
+    p.add_argument("--threshold", type=_float(-1.0, 1.0), default=0.5,
                    help="firewall: cosine to an erased identity at or above which the anchor is substituted")
     p.add_argument("--fp16", action="store_true", help="ONNX weights and activations in float16")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=_int(14), default=17, help="ONNX opset (>= 14: the UNet's attention)")
     p.add_argument("--fp32-engines", action="store_true", help="tensorrt: build FP32 engines (default: FP16)")
-    p.add_argument("--max-batch", type=int, default=8, help="tensorrt: most images per call")
+    p.add_argument("--max-batch", type=_int(1), default=8, help="tensorrt: most images per call")
     p.add_argument("--no-refit", action="store_true", help="tensorrt: build non-refittable engines")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
@@ -44,7 +46,22 @@ def add_export_parser(subparsers):
 
 
 def cmd_export(args) -> int:
+    from fastforget.cli import _inputs
     from fastforget.errors import InputError
+    from fastforget.io import check_output_path
+
+    # every input that can be checked without loading the model is checked before it is loaded
+    check_output_path(args.out, args.overwrite, "--out", keep=_inputs(args))
+    if args.format == "tensorrt":
+        from fastforget.export.trt import _require_trt
+
+        _require_trt()  # fail before the (long) ONNX export
+    patch = None
+    if args.patch:
+        from fastforget.patch import Patch
+
+        patch = Patch.load(args.patch)  # ModelLoadError naming the file if missing or unreadable
+
     from fastforget.export.onnx_export import load_bank, to_onnx
 
     bank = anchors = None
@@ -58,16 +75,15 @@ def cmd_export(args) -> int:
     elif args.bank:
         raise InputError("--bank is only used with --firewall")
     kw = dict(opset=args.opset, fp16=args.fp16, firewall=args.firewall, firewall_bank=bank,
-              firewall_anchors=anchors, firewall_threshold=args.threshold, patch=args.patch, base=args.base)
+              firewall_anchors=anchors, firewall_threshold=args.threshold, patch=patch, base=args.base)
     if args.format == "onnx":
         out = to_onnx(args.model, args.out, overwrite=args.overwrite, **kw)
         _summary(out)
         return 0
-    from fastforget.export.trt import _require_trt, to_tensorrt
+    from fastforget.export.trt import to_tensorrt
     from fastforget.io import atomic_directory
 
-    _require_trt()  # fail before the (long) ONNX export
-    with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_directory(args.out, overwrite=args.overwrite, name="--out") as tmp:
         to_onnx(args.model, tmp / "onnx", **kw)
         to_tensorrt(tmp / "onnx", tmp / "tensorrt", fp16=not args.fp32_engines, refittable=not args.no_refit,
                     max_batch=args.max_batch)

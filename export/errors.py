@@ -8,3 +8,7 @@ INSTALL_HINT = ("TensorRT needs the `tensorrt` Python package (TensorRT 10: `pip
 
 class BackendUnavailableError(FastForgetError, RuntimeError):
     """An export backend (TensorRT, a CUDA GPU) is not installed or not visible."""
+
+
+class ExportParityError(FastForgetError, ArithmeticError):
+    """An exported graph's output differs from the torch model's by more than the stated tolerance."""

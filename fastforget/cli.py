@@ -1,27 +1,66 @@
-"""`fastforget` console command."""
+"""`fastforget` console command.
+
+Every user error (a bad argument, a missing or unreadable input, an output that exists or cannot
+be written) is reported before any work as one line, `fastforget: error: ...`, with exit status 2
+and no traceback. Outputs are checked first (`fastforget.io.check_output_path`) and written
+atomically, so an interrupted command leaves the old output or none, never half of a new one.
+Set FASTFORGET_DEBUG=1 to get the traceback of an unexpected OSError as well.
+"""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
+
+MAX_TESTBED_ID = 2 ** 63 - 1
+DEMO_HELD_OUT = 100      # demo: held-out identities are 100, 101, ... (never passed to erase)
+DEMO_STRANGERS = range(500, 520)  # demo: more candidate classes for AccU / AccR
+
+
+def _png_bytes(image) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _grid_png(rows, path, scale: int = 4):
     """rows: lists of uint8 (H, W, 3) tiles -> one PNG written atomically."""
-    import io
-
     import numpy as np
-    from PIL import Image
 
     from fastforget.api import image_grid
     from fastforget.io import atomic_write_bytes
 
-    buf = io.BytesIO()
-    Image.fromarray(image_grid([np.stack(r) for r in rows], scale=scale)).save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue(), overwrite=True)
+    return atomic_write_bytes(path, _png_bytes(image_grid([np.stack(r) for r in rows], scale=scale)),
+                              overwrite=True, name="--out")
+
+
+def _check_demo(args) -> None:
+    """Arguments argparse cannot check one at a time."""
+    from fastforget.errors import ConflictError
+
+    if args.no_erase:
+        return
+    held = range(DEMO_HELD_OUT, DEMO_HELD_OUT + args.held_out)
+    if args.target in held:
+        raise ConflictError(f"--target {args.target} is one of the held-out identities {held.start}..{held.stop - 1} "
+                            "(--held-out); pick a target outside that range")
+    if args.target in DEMO_STRANGERS:
+        raise ConflictError(f"--target {args.target} is one of the demo's stranger identities "
+                            f"{DEMO_STRANGERS.start}..{DEMO_STRANGERS.stop - 1}; pick another target")
 
 
 def cmd_demo(args) -> int:
+    from fastforget.io import check_output_path
+
+    _check_demo(args)
+    out = check_output_path(args.out, name="--out", into=True)  # files are written into it
+
     import numpy as np
     import torch
 
@@ -72,12 +111,13 @@ def _demo_erase(args, model, enc, out) -> int:
     import time
 
     import fastforget as ff
+    from fastforget.io import atomic_directory
 
     target = [args.target]
-    held_out = list(range(100, 100 + args.held_out))  # never passed to erase(): AccR is on unnamed people
+    held_out = list(range(DEMO_HELD_OUT, DEMO_HELD_OUT + args.held_out))  # never passed to erase(): AccR is on unnamed people
     methods = [("closed_form", {}), ("piu", {"steps": args.piu_steps, "micro_batch": 8, "accumulation": 1})]
     print(f"\nerasing testbed identity {args.target}; retained metrics on {args.held_out} identities nobody named")
-    strangers = list(range(500, 520))  # more candidate identities for the nearest-centroid AccU / AccR
+    strangers = list(DEMO_STRANGERS)
     rows = []
     for name, opts in methods:
         t0 = time.perf_counter()
@@ -88,8 +128,9 @@ def _demo_erase(args, model, enc, out) -> int:
         rep = ff.verify(res.model, target, retain=held_out, encoder=enc, n=args.verify_n, seed=1, baseline=model,
                         target_ids=target, strangers=strangers, anchors=res.anchors, neighbours=4)
         rep.details.update(method=name, fit_seconds=fit_s, patch_fingerprint=res.patch.fingerprint(), options=opts)
-        rep.save(out / name)
-        res.patch.save(out / name / "patch.safetensors", overwrite=True)
+        with atomic_directory(out / name, overwrite=True, name="--out") as tmp:  # the demo's own subfolder
+            rep.save(tmp)
+            res.patch.save(tmp / "patch.safetensors")
         label = name if name != "piu" or args.piu_steps == 400 else f"piu ({args.piu_steps} of 400 steps)"
         rows.append((label, fit_s, rep.metrics, out / name / "report.png"))
     base = ff.verify(model, target, retain=held_out, encoder=enc, n=args.verify_n, seed=1, target_ids=target,
@@ -107,29 +148,75 @@ def _demo_erase(args, model, enc, out) -> int:
     return 0
 
 
-def _identities(values, encoder):
-    """CLI identity list: integers are testbed ids, *.npy files hold (N, 512) embeddings, else image paths."""
+def _identities(values, name: str):
+    """CLI identity list, checked before any model is loaded: integers are testbed ids (>= 0),
+    one *.npy file holds (N, 512) embeddings, anything else is image paths (which must exist)."""
     import numpy as np
+
+    from fastforget.errors import InputError
 
     if values is None:
         return None
     if all(v.lstrip("-").isdigit() for v in values):
-        return [int(v) for v in values]
-    if len(values) == 1 and values[0].endswith(".npy"):
-        return np.load(values[0], allow_pickle=False).astype(np.float32)
+        ids = [int(v) for v in values]
+        bad = [v for v in ids if not 0 <= v <= MAX_TESTBED_ID]
+        if bad:
+            raise InputError(f"{name}: testbed identity ids are integers in [0, {MAX_TESTBED_ID}], got {bad[0]}")
+        return ids
+    if len(values) == 1 and values[0].lower().endswith(".npy"):
+        path = Path(values[0])
+        if not path.is_file():
+            raise InputError(f"{name}: {path}: no such file (expected a .npy of (N, 512) embeddings)")
+        try:
+            with open(path, "rb") as f:
+                if f.read(6) != b"\x93NUMPY":
+                    raise InputError(f"{name}: {path}: not a .npy file (expected (N, 512) embeddings saved with "
+                                     "numpy.save)")
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            if isinstance(exc, InputError):
+                raise
+            why = "it holds Python objects (a pickle), which are never loaded" if "pickle" in str(exc) else str(exc)[:200]
+            raise InputError(f"{name}: {path}: not a plain .npy array of (N, 512) embeddings ({why})") from None
+        except (OSError, EOFError) as exc:
+            raise InputError(f"{name}: {path}: not a readable .npy file ({str(exc)[:200]})") from None
+        if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.floating)
+                                                   or np.issubdtype(arr.dtype, np.integer)):
+            raise InputError(f"{name}: {path}: expected a numeric (N, 512) array, got dtype {arr.dtype}")
+        if arr.ndim != 2 or arr.shape[1] != 512 or arr.shape[0] == 0:
+            raise InputError(f"{name}: {path}: expected (N, 512) embeddings, got shape {tuple(arr.shape)}")
+        return arr.astype(np.float32)
+    for v in values:
+        if not Path(v).is_file():
+            raise InputError(f"{name}: {v}: no such image file (identities are testbed ids, image paths, "
+                             "or one .npy of (N, 512) embeddings)")
     return list(values)
 
 
+def _inputs(args) -> list:
+    """Existing input paths of a command: an output may not replace a folder holding one of them."""
+    names = ("model", "base", "encoder", "baseline", "patch", "bank")
+    return [getattr(args, k) for k in names if getattr(args, k, None) and Path(getattr(args, k)).exists()]
+
+
 def cmd_erase(args) -> int:
+    from fastforget.io import check_output_path
+
+    check_output_path(args.out, args.overwrite, "--out", keep=_inputs(args))
+    target = _identities(args.target, "--target")
+    retain = _identities(args.retain, "--retain")
+
     import fastforget as ff
+    from fastforget.methods import get_method
+
+    get_method(args.method)  # an unknown name fails before the model is loaded
 
     enc = ff.load_encoder(args.encoder) if args.encoder else None
     model = ff.load(args.model, base=args.base)
     options = {}
     if args.steps is not None:
         options["steps"] = args.steps
-    res = ff.erase(model, _identities(args.target, enc), method=args.method,
-                   retain=_identities(args.retain, enc), encoder=enc, seed=args.seed, progress=True,
+    res = ff.erase(model, target, method=args.method, retain=retain, encoder=enc, seed=args.seed, progress=True,
                    verify_n=args.verify_n, anchor_tau=args.anchor_tau, **options)
     out = res.save(args.out, overwrite=args.overwrite)
     print(f"erased with {args.method}: patch {res.patch.fingerprint()} ({len(res.patch.names)} tensors)")
@@ -140,35 +227,96 @@ def cmd_erase(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    from fastforget.errors import OutputExistsError
+    from fastforget.io import atomic_write_bytes, check_output_path
+
+    out = None
+    if args.out:
+        out = check_output_path(args.out, name="--out", into=True)  # report.json / report.png go into it
+        for f in ("report.json", "report.png"):
+            if (out / f).exists() and not args.overwrite:
+                raise OutputExistsError(f"--out: {Path(args.out) / f} exists (pass --overwrite to replace it)")
+    target = _identities(args.target, "--target")
+    retain = _identities(args.retain, "--retain")
+
     import fastforget as ff
 
     enc = ff.load_encoder(args.encoder) if args.encoder else None
     model = ff.load(args.model, base=args.base)
-    rep = ff.verify(model, _identities(args.target, enc), retain=_identities(args.retain, enc), encoder=enc,
-                    n=args.n, seed=args.seed, baseline=ff.load(args.baseline) if args.baseline else None)
+    baseline = ff.load(args.baseline, base=args.base) if args.baseline else None
+    rep = ff.verify(model, target, retain=retain, encoder=enc, n=args.n, seed=args.seed, baseline=baseline)
     print(rep.table())
-    if args.out:
-        rep.save(args.out)
-        print(f"written: {args.out}/report.json, {args.out}/report.png")
+    if out is not None:
+        written = [atomic_write_bytes(out / "report.json", rep.to_json().encode(), overwrite=True, name="--out")]
+        if rep.grid is not None:
+            written.append(atomic_write_bytes(out / "report.png", _png_bytes(rep.grid), overwrite=True, name="--out"))
+        print("written: " + ", ".join(str(Path(args.out) / w.name) for w in written))
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with fastforget's error line: usage, then `fastforget: error: ...`, exit 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"fastforget: error: {message}\n")
+
+
+def _int(lo: int | None = None, hi: int | None = None):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            bound = " and ".join(b for b in (f">= {lo}" if lo is not None else "",
+                                             f"<= {hi}" if hi is not None else "") if b)
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float(lo: float | None = None, hi: float | None = None, hi_open: bool = False):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if (lo is not None and v < lo) or (hi is not None and (v >= hi if hi_open else v > hi)):
+            rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}" + (")" if hi_open else "]")
+            raise argparse.ArgumentTypeError(f"must be in {rng}, got {text}")
+        return v
+
+    parse.__name__ = "number"
+    return parse
+
+
+SEED = _int(0, 2 ** 63 - 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fastforget", description="Erase chosen identities from face generators.")
+    ap = _Parser(prog="fastforget", description="Erase chosen identities from face generators.")
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run the built-in testbed: generate identities, print the table, write a grid")
-    d.add_argument("--out", default="ff_demo", help="folder for the PNG grid (default: ./ff_demo)")
-    d.add_argument("--identities", type=int, default=6)
-    d.add_argument("--per-identity", type=int, default=2)
-    d.add_argument("--steps", type=int, default=25)
-    d.add_argument("--guidance", type=float, default=3.0)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--target", type=int, default=0, help="testbed identity to erase")
-    d.add_argument("--held-out", type=int, default=6, help="identities measured for AccR (never named)")
-    d.add_argument("--verify-n", type=int, default=2)
-    d.add_argument("--piu-steps", type=int, default=30, help="shortened PIU schedule for the demo (paper: 400)")
+    d.add_argument("--out", default="ff_demo",
+                   help="folder for the PNG grid and the erasures' reports (default: ./ff_demo; it may exist: "
+                        "the demo's own files in it are replaced, nothing else is touched)")
+    d.add_argument("--identities", type=_int(2, 10000), default=6, help="identities in the generation table (>= 2)")
+    d.add_argument("--per-identity", type=_int(1, 64), default=2)
+    d.add_argument("--steps", type=_int(1, 1000), default=25, help="sampling steps (1..1000)")
+    d.add_argument("--guidance", type=_float(0.0), default=3.0, help="classifier-free guidance (finite, >= 0)")
+    d.add_argument("--seed", type=SEED, default=0)
+    d.add_argument("--target", type=_int(0, MAX_TESTBED_ID), default=0, help="testbed identity to erase")
+    d.add_argument("--held-out", type=_int(1, 400), default=6, help="identities measured for AccR (never named)")
+    d.add_argument("--verify-n", type=_int(1), default=2)
+    d.add_argument("--piu-steps", type=_int(1), default=30, help="shortened PIU schedule for the demo (paper: 400)")
     d.add_argument("--no-erase", action="store_true", help="only the generation table")
-    d.add_argument("--anchor-tau", type=float, default=0.2, help="anchor rule's cosine to the target (PIU: 0.2)")
+    d.add_argument("--anchor-tau", type=_float(-1.0, 0.9, hi_open=True), default=0.2,
+                   help="anchor rule's cosine to the target, in [-1, 0.9) (PIU: 0.2)")
     d.set_defaults(func=cmd_demo)
 
     def common(p):
@@ -178,23 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="testbed ids, image paths, or one .npy of (N, 512) embeddings")
         p.add_argument("--retain", nargs="+", help="same forms as --target")
         p.add_argument("--encoder", help="ArcFace .onnx (or 'demo'); default: the testbed encoder for 'demo'")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=SEED, default=0)
 
     e = sub.add_parser("erase", help="erase identities; writes model/, patch.safetensors, report.json")
     common(e)
     e.add_argument("--method", default="closed_form", help="closed_form (default), piu, uce, esd_x, bia")
-    e.add_argument("--steps", type=int, help="training steps for fine-tuning methods")
-    e.add_argument("--out", required=True)
+    e.add_argument("--steps", type=_int(1), help="training steps for fine-tuning methods")
+    e.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     e.add_argument("--overwrite", action="store_true")
-    e.add_argument("--verify-n", type=int, default=4, help="generations per identity in the report")
-    e.add_argument("--anchor-tau", type=float, default=0.2,
+    e.add_argument("--verify-n", type=_int(1), default=4, help="generations per identity in the report")
+    e.add_argument("--anchor-tau", type=_float(-1.0, 0.9, hi_open=True), default=0.2,
                    help="automatic anchors sit at this cosine to the target (PIU: 0.2; 0 = an unrelated person)")
     e.set_defaults(func=cmd_erase)
     v = sub.add_parser("verify", help="measure ISM / AccU / AccR / SRK / neighbour ISM for a model")
     common(v)
     v.add_argument("--baseline", help="the model before erasure, for drift and before/after grids")
-    v.add_argument("--n", type=int, default=25)
-    v.add_argument("--out")
+    v.add_argument("--n", type=_int(1), default=25)
+    v.add_argument("--out", help="folder for report.json and report.png (created if needed)")
+    v.add_argument("--overwrite", action="store_true", help="replace report.json / report.png in --out")
     v.set_defaults(func=cmd_verify)
     from fastforget.export.cli import add_export_parser
 
@@ -211,6 +360,14 @@ def main(argv=None) -> int:
     except FastForgetError as exc:
         print(f"fastforget: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file or folder the command was pointed at (permissions, a full disk, ...)
+        if os.environ.get("FASTFORGET_DEBUG"):
+            raise
+        print(f"fastforget: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastforget: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

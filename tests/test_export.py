@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import fastforget as ff
 from fastforget.errors import EmbeddingError, FastForgetError, InputError, OutputExistsError
 from fastforget.export import OnnxPipeline, to_onnx
-from fastforget.export.errors import BackendUnavailableError
+from fastforget.export.errors import BackendUnavailableError, ExportParityError
+from fastforget.export.onnx_export import PARITY_RTOL
 from fastforget.export.scheduler import DPMSolverMultistepNumpy
 from fastforget.export.trt import check_tensorrt_ops, refit_weights, tensorrt_available
 from fastforget.methods import ErasureRequest, get_method
@@ -339,12 +340,40 @@ def test_fp16_with_external_data(shuffle_model, tmp_path):
         onnx.checker.check_model(str(out / info["file"]))
     assert m["parts"]["unet"]["inputs"]["sample"]["dtype"] == "float16"
     assert m["parts"]["conditioner"]["inputs"]["embedding"]["dtype"] == "float32"
+    # fp16 parity is measured against the torch model in float32, and recorded with its tolerance
+    check = m["parity_check"]
+    assert check["dtype"] == "float16" and check["rtol"] == PARITY_RTOL["float16"] and check["passed"]
+    assert set(m["parity"]) == {"conditioner", "unet"}  # no VAE in the pixel-shuffle model
+    for part, diff in m["parity"].items():
+        assert 0 < diff <= check["tolerance"][part] == check["rtol"] * max(1.0, check["reference_max_abs"][part])
     pipe = OnnxPipeline(out, providers=["CPUExecutionProvider"], threads=1)
     e = _emb(2, 1)
     np.testing.assert_allclose(pipe.condition(e.numpy()), shuffle_model.condition(e).numpy(), atol=2e-2)
     noise = shuffle_model.initial_noise(2, 0).numpy()
     ref = shuffle_model.generate_tensor(e, seed=0, steps=2).numpy()
     assert np.abs(pipe.generate(e.numpy(), steps=2, noise=noise) - ref).mean() < 2e-2
+
+
+def test_fp16_export_that_overflows_is_refused_and_nothing_is_written(shuffle_model, tmp_path):
+    """A UNet whose outputs exceed float16's range (65504) exports to a graph that returns inf:
+    the fp16 parity check catches it, names the part, and the output folder is never created."""
+    big = shuffle_model.clone()
+    with torch.no_grad():
+        big.unet.conv_out.weight.mul_(1e6)
+        big.unet.conv_out.bias.mul_(1e6)
+    with pytest.raises(ExportParityError, match=r"unet: the exported float16 graph .* max \|diff\| (inf|nan)"):
+        to_onnx(big, tmp_path / "h", fp16=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parity_tolerance_is_enforced(shuffle_model, tmp_path, monkeypatch):
+    """The recorded fp16 error is a real measurement: a tolerance below it refuses the export."""
+    import fastforget.export.onnx_export as oe
+
+    monkeypatch.setattr(oe, "PARITY_RTOL", {"float32": 1e-3, "float16": 1e-7})
+    with pytest.raises(ExportParityError, match="conditioner"):
+        to_onnx(shuffle_model, tmp_path / "h", fp16=True)
+    assert not (tmp_path / "h").exists() and not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------- TensorRT refit plan (CPU)
