@@ -321,9 +321,11 @@ def _io_spec(value_info) -> dict:
 
 
 # ORT-vs-torch parity at export: max |ORT - torch float32| <= rtol * max(1, max |torch|) on inputs the
-# graph was not traced with. fp32 graphs differ from torch by reassociation only (measured ~1e-6);
-# fp16 graphs carry fp16 weights and activations (unit roundoff 4.9e-4, accumulated over the UNet's
-# and the text encoder's depth; measured up to ~3e-3 relative on the testbed and the tiny test models).
+# graph was not traced with. fp32 graphs differ from torch by reassociation only (measured 2e-6 on the
+# demo model, outputs up to ~7). fp16 graphs carry fp16 weights and activations (unit roundoff 4.9e-4,
+# accumulated over the depth of the text encoder and UNet): measured 3.0e-3 (conditioner) and 2.1-2.5e-3
+# (UNet) on the demo model, i.e. 6e-4 and 4e-4 of the output scale; 2e-2 leaves a margin of 30x for
+# deeper models while an fp16 overflow (inf / NaN) or a wrong graph is far outside it.
 PARITY_RTOL = {"float32": 1e-3, "float16": 2e-2}
 
 
@@ -436,6 +438,7 @@ def to_onnx(model_or_dir, out_dir, *, opset: int = 17, fp16: bool = False, firew
             "rule": "e = normalize(x); k = argmax(bank @ e); if bank[k] . e >= threshold: e = anchors[k]"})
 
     gen = torch.Generator().manual_seed(0)
+    parity = _ParityCheck(manifest, fp16, n_check, sample_shape, length, width) if verify else None
     with atomic_directory(out_dir, overwrite=overwrite) as tmp, torch.no_grad():
         # conditioner
         cond = ConditionerGraph(model, dtype, bank, anchors, firewall_threshold).eval()
@@ -445,6 +448,9 @@ def to_onnx(model_or_dir, out_dir, *, opset: int = 17, fp16: bool = False, firew
             dynamic_axes={"embedding": {0: "batch"}, "states": {0: "batch"}}, opset=opset,
             external_data=external_data, doc="ArcFace embedding (N, 512) -> text-encoder states (N, L, D)"
             + (" behind the identity firewall" if firewall else ""), metadata={**meta_common, "part": "conditioner"})
+        if parity is not None:  # each part is checked as soon as it exists: a bad one stops the export there
+            parity(tmp, "conditioner", ConditionerGraph(model, torch.float32, bank, anchors, firewall_threshold).eval()
+                   if fp16 else cond)
         # unet
         unet = model.unet if dtype == model.dtype else copy.deepcopy(model.unet).to(dtype)
         ug = UNetGraph(unet).eval()
@@ -457,6 +463,8 @@ def to_onnx(model_or_dir, out_dir, *, opset: int = 17, fp16: bool = False, firew
             dynamic_axes={k: {0: "batch"} for k in names}, opset=opset, external_data=external_data,
             doc="noise prediction: sample (B, C, S, S), timestep (B,) float32, encoder_hidden_states (B, L, D)",
             metadata={**meta_common, "part": "unet"})
+        if parity is not None:
+            parity(tmp, "unet", UNetGraph(model.unet).eval())
         # vae decoder
         vg = None
         if model.vae is not None:
@@ -468,18 +476,16 @@ def to_onnx(model_or_dir, out_dir, *, opset: int = 17, fp16: bool = False, firew
                 dynamic_axes={"latent": {0: "batch"}, "image": {0: "batch"}}, opset=opset,
                 external_data=external_data, doc="latent (N, C, S, S) -> image (N, 3, H, W), unclamped",
                 metadata={**meta_common, "part": "vae_decoder"})
+            if parity is not None:
+                parity(tmp, "vae_decoder", VAEDecoderGraph(model.vae).eval())
         else:
             manifest["parts"]["vae_decoder"] = None
         # null condition: the empty prompt through the plain text encoder (not the id projection)
         np.save(tmp / "null_condition.npy", model.null_condition(1).float().cpu().numpy())
         if patch is not None:
             patch.save(tmp / "patch.safetensors")
-        if verify:
-            _check_parity(manifest, tmp, gen, n_check, sample_shape, length, width, fp16=fp16,
-                          graphs={"conditioner": ConditionerGraph(model, torch.float32, bank, anchors,
-                                                                  firewall_threshold).eval() if fp16 else cond,
-                                  "unet": UNetGraph(model.unet).eval(),
-                                  "vae_decoder": None if model.vae is None else VAEDecoderGraph(model.vae).eval()})
+        if parity is not None:
+            manifest["parity_check"] = parity.record
         for part in manifest["parts"].values():
             if part is not None:
                 part["sha256"] = file_sha256(tmp / part["file"])
@@ -489,39 +495,41 @@ def to_onnx(model_or_dir, out_dir, *, opset: int = 17, fp16: bool = False, firew
     return Path(out_dir)
 
 
-def _check_parity(manifest, tmp: Path, gen, n_check, sample_shape, length, width, *, fp16: bool, graphs) -> None:
-    """ORT (CPU) vs the torch model in float32 for every exported part; ExportParityError if off."""
-    from fastforget.export.errors import ExportParityError
+class _ParityCheck:
+    """ORT (CPU) vs the torch model in float32, part by part; ExportParityError when a part is off.
+    Inputs come from their own seeded generator, with a batch size the graphs were not traced with."""
 
-    dtype = "float16" if fp16 else "float32"
-    rtol = PARITY_RTOL[dtype]
-    feeds = {
-        "conditioner": {"embedding": F.normalize(torch.randn(n_check, 512, generator=gen), dim=1)},
-        "unet": {"sample": torch.randn(n_check, *sample_shape, generator=gen),
-                 "timestep": torch.tensor([999.0, 500.0, 1.0][:n_check]),
-                 "encoder_hidden_states": torch.randn(n_check, length, width, generator=gen)},
-        "vae_decoder": {"latent": torch.randn(n_check, *sample_shape, generator=gen)},
-    }
-    check = {"reference": "the torch model in float32 on the CPU, same inputs (rounded to the graph's input "
-                          "dtype), batch of %d" % n_check, "runtime": "onnxruntime CPUExecutionProvider",
-             "dtype": dtype, "rtol": rtol, "rule": "max |ORT - torch| <= rtol * max(1, max |torch|)",
-             "tolerance": {}, "reference_max_abs": {}}
-    for part, graph in graphs.items():
-        if graph is None or manifest["parts"].get(part) is None:
-            continue
-        diff, scale = _ort_parity(tmp / manifest["parts"][part]["file"], _reference(graph), feeds[part])
-        tol = rtol * max(1.0, scale)
-        manifest["parity"][part] = diff
-        check["tolerance"][part] = tol
-        check["reference_max_abs"][part] = scale
+    def __init__(self, manifest, fp16: bool, n_check: int, sample_shape, length: int, width: int):
+        g = torch.Generator().manual_seed(1)
+        self.manifest, self.dtype = manifest, "float16" if fp16 else "float32"
+        self.rtol = PARITY_RTOL[self.dtype]
+        self.feeds = {
+            "conditioner": {"embedding": F.normalize(torch.randn(n_check, 512, generator=g), dim=1)},
+            "unet": {"sample": torch.randn(n_check, *sample_shape, generator=g),
+                     "timestep": torch.linspace(999.0, 1.0, n_check),
+                     "encoder_hidden_states": torch.randn(n_check, length, width, generator=g)},
+            "vae_decoder": {"latent": torch.randn(n_check, *sample_shape, generator=g)},
+        }
+        self.record = {
+            "reference": f"the torch model in float32 on the CPU, same inputs (rounded to the graph's input dtype), "
+                         f"batch of {n_check}", "runtime": "onnxruntime CPUExecutionProvider", "dtype": self.dtype,
+            "rtol": self.rtol, "rule": "max |ORT - torch| <= rtol * max(1, max |torch|)",
+            "tolerance": {}, "reference_max_abs": {}, "passed": True}
+
+    def __call__(self, tmp: Path, part: str, graph) -> None:
+        from fastforget.export.errors import ExportParityError
+
+        diff, scale = _ort_parity(tmp / self.manifest["parts"][part]["file"], _reference(graph), self.feeds[part])
+        tol = self.rtol * max(1.0, scale)
+        self.manifest["parity"][part] = diff
+        self.record["tolerance"][part] = tol
+        self.record["reference_max_abs"][part] = scale
         if not np.isfinite(diff) or diff > tol:
             raise ExportParityError(
-                f"{part}: the exported {dtype} graph differs from the torch model by max |diff| {diff:.3g} "
-                f"(tolerance {tol:.3g} = {rtol:g} x max(1, {scale:.3g})); nothing was written"
+                f"{part}: the exported {self.dtype} graph differs from the torch model by max |diff| {diff:.3g} "
+                f"(tolerance {tol:.3g} = {self.rtol:g} x max(1, {scale:.3g})); nothing was written"
                 + ("; export in float32 (fp16=False), or check the model for activations beyond float16's range"
-                   if fp16 else ""))
-    check["passed"] = True
-    manifest["parity_check"] = check
+                   if self.dtype == "float16" else ""))
 
 
 def load_bank(path) -> tuple[np.ndarray, np.ndarray]:
@@ -545,15 +553,22 @@ def load_bank(path) -> tuple[np.ndarray, np.ndarray]:
         return z["targets"].astype(np.float32), z["anchors"].astype(np.float32)
 
 
-def save_bank(path, targets, anchors) -> Path:
-    """Write a bank .npz (targets, anchors) for `fastforget export --firewall --bank`."""
+def save_bank(path, targets, anchors, overwrite: bool = False) -> Path:
+    """Write a bank .npz (targets, anchors) for `fastforget export --firewall --bank`, atomically
+    (`.npz` is appended to a path without it, as numpy.savez does)."""
+    import io
+
+    from fastforget.io import atomic_write_bytes, check_output_path
     from fastforget.models.arc2face import check_embeddings
 
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    check_output_path(path, overwrite, "path", kind="file")
     t = check_embeddings(targets, name="targets").numpy()
     a = check_embeddings(anchors, name="anchors").numpy()
     if len(t) != len(a):
         raise InputError(f"anchors: {len(a)} rows for {len(t)} targets")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, targets=t, anchors=a)
-    return path
+    buf = io.BytesIO()
+    np.savez(buf, targets=t, anchors=a)
+    return atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite, name="path")

@@ -142,12 +142,13 @@ def to_tensorrt(onnx_dir, out_dir, fp16: bool = True, refittable: bool = True, *
     with BuilderFlag.REFIT so `refit` can swap an erasure patch without a rebuild. The folder also
     gets the manifest (with a `tensorrt` section), null_condition.npy and the patch, and records
     where the ONNX folder is (refit reads initializers the engine may ask for from it)."""
-    from fastforget.io import atomic_directory
+    from fastforget.io import atomic_directory, check_output_path
 
     onnx_dir = Path(onnx_dir)
     manifest = read_manifest(onnx_dir)
     if max_batch < 1 or not (1 <= opt_batch <= max_batch):
         raise InputError(f"max_batch / opt_batch: need 1 <= opt_batch <= max_batch, got {opt_batch}, {max_batch}")
+    check_output_path(out_dir, overwrite, "out_dir", keep=[onnx_dir])  # before the (long) engine builds
     problems = check_tensorrt_ops(onnx_dir)
     if problems:
         raise InputError(f"{onnx_dir}: graph(s) TensorRT cannot parse: " + "; ".join(problems[:10]))

@@ -271,6 +271,33 @@ def test_output_is_atomic_and_never_overwritten_silently(onnx_erased, base):
     assert not [p for p in onnx_erased.parent.iterdir() if p.name.startswith(".")]
 
 
+def test_outputs_are_checked_before_the_model_is_loaded(onnx_erased, tmp_path):
+    from fastforget.errors import OutputPathError
+    from fastforget.export.onnx_export import save_bank
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OutputExistsError, match="taken"):  # not ModelLoadError: the model is never read
+        to_onnx(str(tmp_path / "no-such-model"), tmp_path / "taken")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match="not a folder"):
+        to_onnx(str(tmp_path / "no-such-model"), tmp_path / "file" / "out")
+    # TensorRT: the output is checked before the backend is looked for (and never replaces its input)
+    with pytest.raises(OutputExistsError, match="taken"):
+        ff.export.to_tensorrt(onnx_erased, tmp_path / "taken")
+    with pytest.raises(OutputPathError, match="holds the input"):
+        ff.export.to_tensorrt(onnx_erased, onnx_erased.parent, overwrite=True)
+    # the firewall bank is written atomically and not over an existing file
+    e = F.normalize(torch.randn(2, 512), dim=1)
+    path = save_bank(tmp_path / "bank", e[:1], e[1:])
+    assert path.name == "bank.npz"
+    with pytest.raises(OutputExistsError, match="bank.npz"):
+        save_bank(path, e[1:], e[:1])
+    np.testing.assert_array_equal(np.load(path)["targets"], e[:1].numpy())
+    save_bank(path, e[1:], e[:1], overwrite=True)
+    np.testing.assert_array_equal(np.load(path)["targets"], e[1:].numpy())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.npz", "file", "taken"]
+
+
 def test_runtime_imports_no_torch(onnx_erased, pipe, tmp_path):
     """The serving path loads with torch made unimportable and gives the same images."""
     emb = _emb(2, 11).numpy()
