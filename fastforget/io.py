@@ -60,6 +60,8 @@ def _alive(pid: int, start: int) -> bool:
     """Is the process that wrote a temporary still running? Zombies and reused pids count as gone."""
     if pid <= 0:
         return False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: never judge, keep the temporary
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
