@@ -51,6 +51,14 @@ def cmd_export(args) -> int:
     from fastforget.io import check_output_path
 
     # every input that can be checked without loading the model is checked before it is loaded
+    if args.firewall:
+        if not args.patch:
+            raise InputError("--firewall needs --patch (the erasure whose identities the firewall guards)")
+        if not args.bank:
+            raise InputError("--firewall needs --bank bank.npz with arrays `targets` (K x 512, the erased "
+                             "identities) and `anchors` (K x 512); see fastforget.export.save_bank")
+    elif args.bank:
+        raise InputError("--bank is only used with --firewall")
     check_output_path(args.out, args.overwrite, "--out", keep=_inputs(args))
     if args.format == "tensorrt":
         from fastforget.export.trt import _require_trt
@@ -61,19 +69,9 @@ def cmd_export(args) -> int:
         from fastforget.patch import Patch
 
         patch = Patch.load(args.patch)  # ModelLoadError naming the file if missing or unreadable
-
     from fastforget.export.onnx_export import load_bank, to_onnx
 
-    bank = anchors = None
-    if args.firewall:
-        if not args.patch:
-            raise InputError("--firewall needs --patch (the erasure whose identities the firewall guards)")
-        if not args.bank:
-            raise InputError("--firewall needs --bank bank.npz with arrays `targets` (K x 512, the erased "
-                             "identities) and `anchors` (K x 512); see fastforget.export.save_bank")
-        bank, anchors = load_bank(args.bank)
-    elif args.bank:
-        raise InputError("--bank is only used with --firewall")
+    bank, anchors = load_bank(args.bank) if args.firewall else (None, None)
     kw = dict(opset=args.opset, fp16=args.fp16, firewall=args.firewall, firewall_bank=bank,
               firewall_anchors=anchors, firewall_threshold=args.threshold, patch=patch, base=args.base)
     if args.format == "onnx":
