@@ -101,4 +101,6 @@ def _summary(out: Path) -> None:
         print(f"firewall: {m['firewall']['identities']} identities, threshold {m['firewall']['threshold']} "
               "(their embeddings are stored in conditioner.onnx)")
     if m.get("parity"):
-        print("ORT vs torch max |diff|: " + ", ".join(f"{k} {v:.1e}" for k, v in m["parity"].items()))
+        tol = (m.get("parity_check") or {}).get("tolerance", {})
+        print(f"ORT ({m['dtype']}) vs torch (float32) max |diff|: " + ", ".join(
+            f"{k} {v:.1e}" + (f" (tolerance {tol[k]:.1e})" if k in tol else "") for k, v in m["parity"].items()))
