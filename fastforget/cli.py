@@ -114,7 +114,8 @@ def _demo_erase(args, model, enc, out) -> int:
     from fastforget.io import atomic_directory
 
     target = [args.target]
-    held_out = list(range(DEMO_HELD_OUT, DEMO_HELD_OUT + args.held_out))  # never passed to erase(): AccR is on unnamed people
+    # never passed to erase(): AccR is on unnamed people
+    held_out = list(range(DEMO_HELD_OUT, DEMO_HELD_OUT + args.held_out))
     methods = [("closed_form", {}), ("piu", {"steps": args.piu_steps, "micro_batch": 8, "accumulation": 1})]
     print(f"\nerasing testbed identity {args.target}; retained metrics on {args.held_out} identities nobody named")
     strangers = list(DEMO_STRANGERS)
@@ -176,7 +177,8 @@ def _identities(values, name: str):
         except ValueError as exc:
             if isinstance(exc, InputError):
                 raise
-            why = "it holds Python objects (a pickle), which are never loaded" if "pickle" in str(exc) else str(exc)[:200]
+            why = ("it holds Python objects (a pickle), which are never loaded" if "pickle" in str(exc)
+                   else str(exc)[:200])
             raise InputError(f"{name}: {path}: not a plain .npy array of (N, 512) embeddings ({why})") from None
         except (OSError, EOFError) as exc:
             raise InputError(f"{name}: {path}: not a readable .npy file ({str(exc)[:200]})") from None

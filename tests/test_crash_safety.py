@@ -12,10 +12,8 @@ import os
 import random
 import selectors
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
