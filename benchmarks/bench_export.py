@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         states = rng.standard_normal((2, *s[1:])).astype(np.float32)
         cond = _time({k: (lambda p=p: p.condition(emb)) for k, p in pipes.items()}, args.repeats * 10)
         step = _time({k: (lambda p=p: p.unet(x, 500, states)) for k, p in pipes.items()}, args.repeats)
-        gen = _time({k: (lambda p=p: p.generate(emb, seed=0, steps=args.steps)) for k, p in pipes.items()},
+        gen = _time({k: (lambda p=p: p.sample(emb, seed=0, steps=args.steps)) for k, p in pipes.items()},
                     args.gen_repeats, warmup=1)
 
         # identity leakage: same initial noise as the torch models
@@ -151,14 +151,14 @@ def main(argv=None) -> int:
         with torch.no_grad():
             ism_torch_orig = ism(model.generate_tensor(reps, seed=0, steps=args.steps))
             ism_torch_erased = ism(erased.generate_tensor(reps, seed=0, steps=args.steps))
-        ism_onnx = {k: ism(pipes[k].generate(reps.numpy(), steps=args.steps, noise=noise.numpy()))
+        ism_onnx = {k: ism(pipes[k].sample(reps.numpy(), steps=args.steps, noise=noise.numpy()))
                     for k in ("original", "erased", "firewall")}
         # a near copy of the target (cos ~0.8) through the firewall
         g = torch.Generator().manual_seed(1)
         near = torch.nn.functional.normalize(target + 0.75 * torch.nn.functional.normalize(
             torch.randn(1, target.shape[1], generator=g), dim=1), dim=1)
         near_cos = float(near @ target.T)
-        ism_near = {k: ism(pipes[k].generate(near.repeat(n, 1).numpy(), steps=args.steps, noise=noise.numpy()))
+        ism_near = {k: ism(pipes[k].sample(near.repeat(n, 1).numpy(), steps=args.steps, noise=noise.numpy()))
                     for k in ("erased", "firewall")}
 
     bar = ism_torch_erased + 0.02

@@ -4,7 +4,7 @@ graph), serve it with ONNX Runtime, build TensorRT engines and refit them with a
     import fastforget as ff
     ff.export.to_onnx(res.model, "onnx_out", patch=res.patch)               # conditioner, UNet, decoder
     pipe = ff.export.OnnxPipeline("onnx_out")                              # numpy + onnxruntime only
-    images = pipe.generate(emb, seed=0)                                    # (N, 3, H, W) in [-1, 1]
+    images = pipe.generate(emb, seed=0)                                    # PIL list; output_type="np" / "pt"
     ff.export.to_tensorrt("onnx_out", "engines")                           # needs tensorrt + CUDA
     ff.export.refit("engines", new_patch)                                  # new erasure, no rebuild
 

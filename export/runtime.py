@@ -1,7 +1,8 @@
 """Serve an exported model with ONNX Runtime only: numpy + onnxruntime, no torch.
 
     pipe = OnnxPipeline("out_dir")                  # TensorRT / CUDA / CPU providers, whichever exist
-    images = pipe.generate(emb, seed=0, steps=25, guidance=3.0)   # float32 (N, 3, H, W) in [-1, 1]
+    images = pipe.generate(emb, seed=0, steps=25, guidance=3.0)   # PIL list (output_type="np" / "pt" as diffusers)
+    x = pipe.sample(emb, seed=0)                                  # raw float32 (N, 3, H, W) in [-1, 1]
 
 `generate` is `Arc2FaceModel.generate_tensor` re-implemented: conditioner graph, classifier-free
 guidance against the stored empty-prompt states (null_condition.npy), the UNet graph stepped by a
@@ -113,9 +114,29 @@ class OnnxPipeline:
 
     # ------------------------------------------------------------ sampling
     def generate(self, embeddings, seed=0, steps: int = 25, guidance: float = 3.0, noise=None,
-                 batch_size: int | None = None) -> np.ndarray:
-        """Images (N, 3, H, W) float32 in [-1, 1] (Arc2Face defaults: 25 DPM-Solver++ steps, CFG 3).
+                 batch_size: int | None = None, output_type: str = "pil"):
+        """Images in diffusers' `output_type` convention, as `model.generate` returns them: "pil" (list of
+        PIL images), "np" (float32 (N, H, W, 3) in [0, 1]), "pt" (torch float32 (N, 3, H, W) in [0, 1]).
         noise: optional (N, C, S, S) initial noise; give the torch model's to reproduce its images."""
+        if output_type not in ("pil", "np", "pt"):
+            raise error("InputError", f"output_type: expected 'pil', 'np' or 'pt', got {output_type!r}")
+        x = self.sample(embeddings, seed=seed, steps=steps, guidance=guidance, noise=noise, batch_size=batch_size)
+        x01 = np.clip(x / 2 + 0.5, 0, 1).astype(np.float32)
+        if output_type == "pt":
+            import torch
+
+            return torch.from_numpy(x01)
+        nhwc = np.ascontiguousarray(x01.transpose(0, 2, 3, 1))
+        if output_type == "np":
+            return nhwc
+        from PIL import Image
+
+        return [Image.fromarray(a) for a in (nhwc * 255).round().astype(np.uint8)]
+
+    def sample(self, embeddings, seed=0, steps: int = 25, guidance: float = 3.0, noise=None,
+               batch_size: int | None = None) -> np.ndarray:
+        """Raw samples (N, 3, H, W) float32 in [-1, 1] (Arc2Face defaults: 25 DPM-Solver++ steps, CFG 3),
+        numpy only. noise: optional (N, C, S, S) initial noise (the torch model's reproduces its images)."""
         cond = self.condition(embeddings)
         n = cond.shape[0]
         if noise is None:
@@ -145,7 +166,7 @@ class OnnxPipeline:
 
     def generate_uint8(self, embeddings, **kw) -> np.ndarray:
         """Like generate, as uint8 (N, H, W, 3)."""
-        return to_uint8(self.generate(embeddings, **kw))
+        return to_uint8(self.sample(embeddings, **kw))
 
     def __repr__(self):
         return (f"OnnxPipeline({str(self.dir)!r}, parts={sorted(self.sessions)}, firewall={self.firewall}, "

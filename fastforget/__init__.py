@@ -20,7 +20,7 @@ from fastforget.patch import Patch  # noqa: E402
 from fastforget.api import ErasureResult, Report, erase, verify  # noqa: E402
 
 _LAZY = {"kernels": "fastforget.kernels", "svm": "fastforget.svm", "metrics": "fastforget.metrics",
-         "export": "fastforget.export"}
+         "export": "fastforget.export", "gallery": "fastforget.identity.gallery"}
 
 
 def __getattr__(name):  # heavy or optional subpackages load on first use
@@ -29,5 +29,5 @@ def __getattr__(name):  # heavy or optional subpackages load on first use
     raise AttributeError(f"module 'fastforget' has no attribute {name!r}")
 
 
-__all__ = ["load", "load_encoder", "erase", "verify", "Patch", "ErasureResult", "Report", "IdentityEncoder", "errors", "testbed", "kernels", "svm", "metrics", "export",
+__all__ = ["load", "load_encoder", "erase", "verify", "Patch", "ErasureResult", "Report", "IdentityEncoder", "errors", "testbed", "kernels", "svm", "metrics", "export", "gallery",
            "__version__"]

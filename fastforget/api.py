@@ -99,11 +99,13 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
     validate_options(method, options)  # unknown method / option names and bad values
     seed = check_seed(seed, 2 ** 20)
     salt = check_salt(DEFAULT_SALT if salt is None else salt)
-    if report:
-        check_int(verify_n, "verify_n")
-    anchor_tau = check_float(anchor_tau, "anchor_tau")
     if not isinstance(progress, bool) or not isinstance(report, bool):
         raise InputError("progress / report: expected True or False")
+    if report:
+        from fastforget.verify import MAX_PER_IDENTITY
+
+        check_int(verify_n, "verify_n", 1, MAX_PER_IDENTITY)
+    anchor_tau = check_float(anchor_tau, "anchor_tau")
     from fastforget.methods.base import get_method
 
     fit = get_method(method)

@@ -218,8 +218,18 @@ def cmd_erase(args) -> int:
     options = {}
     if args.steps is not None:
         options["steps"] = args.steps
+    preserve = args.preserve
+    if preserve == "none":
+        preserve = None
+    elif preserve != "auto" and Path(preserve).is_dir():
+        preserve = ff.gallery.from_folder(preserve, enc)  # a folder of face photos
+    elif preserve != "auto" and not (preserve.endswith(".npy") and Path(preserve).is_file()):
+        from fastforget.errors import InputError
+
+        raise InputError(f"--preserve: expected auto, none, a .npy file of (N, 512) embeddings or a folder of face "
+                         f"photos; {preserve!r} is none of these")
     res = ff.erase(model, target, method=args.method, retain=retain, encoder=enc, seed=args.seed, progress=True,
-                   verify_n=args.verify_n, anchor_tau=args.anchor_tau, **options)
+                   verify_n=args.verify_n, anchor_tau=args.anchor_tau, preserve=preserve, **options)
     out = res.save(args.out, overwrite=args.overwrite)
     print(f"erased with {args.method}: patch {res.patch.fingerprint()} ({len(res.patch.names)} tensors)")
     if res.report is not None:
@@ -331,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=SEED, default=0)
 
     e = sub.add_parser("erase", help="erase identities; writes model/, patch.safetensors, report.json")
+    e.add_argument("--preserve", default="auto",
+                   help="identities held fixed: auto (default set; cached per model), none, a .npy gallery of "
+                        "(N, 512) embeddings, or a folder of face photos encoded with --encoder")
     common(e)
     e.add_argument("--method", default="closed_form", help="closed_form (default), piu, uce, esd_x, bia")
     e.add_argument("--steps", type=_int(1), help="training steps for fine-tuning methods")

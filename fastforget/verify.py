@@ -14,6 +14,11 @@ from fastforget.errors import EmbeddingError, InputError
 from fastforget.identity.embeddings import check_embeddings, to_embeddings, to_uint8, unit_vectors_at_cosine
 
 
+# verify draws n images per identity at seed + i (retain at +10,000, ...): more per identity than that is no
+# measurement, only hours of sampling and gigabytes of conditioning states
+MAX_PER_IDENTITY = 10_000
+
+
 def check_salt(salt) -> str:
     if not isinstance(salt, str) or not salt:
         raise InputError(f"salt: expected a non-empty string, got {salt!r}")
@@ -30,14 +35,20 @@ class Report:
     def to_json(self) -> str:
         return json.dumps({"metrics": self.metrics, **self.details}, indent=2, sort_keys=True, default=float)
 
-    def save(self, directory) -> Path:
+    def save(self, directory, overwrite: bool = True) -> Path:
+        """report.json (+ report.png, the before/after grid) into `directory`, each written atomically."""
+        import io
+
+        from fastforget.io import atomic_write_bytes
+
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "report.json").write_text(self.to_json())
+        atomic_write_bytes(directory / "report.json", self.to_json().encode(), overwrite=overwrite)
         if self.grid is not None:
             from PIL import Image
 
-            Image.fromarray(self.grid).save(directory / "report.png")
+            buf = io.BytesIO()
+            Image.fromarray(self.grid).save(buf, format="PNG")
+            atomic_write_bytes(directory / "report.png", buf.getvalue(), overwrite=overwrite)
         return directory
 
     def table(self) -> str:
@@ -86,8 +97,8 @@ def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0
     from fastforget.models.common import check_int, check_sampling, check_seed
     from fastforget.patch import fingerprint_embeddings
 
-    n = check_int(n, "n")
-    neighbours = check_int(neighbours, "neighbours")
+    n = check_int(n, "n", 1, MAX_PER_IDENTITY)
+    neighbours = check_int(neighbours, "neighbours", 1, MAX_PER_IDENTITY)
     seed = check_seed(seed, 2 ** 20, "seed")  # verify draws images at seed + offsets up to 50,000 + N
     steps, guidance = check_sampling(steps, guidance)
     check_salt(salt)
@@ -99,6 +110,14 @@ def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0
     ret = to_embeddings(retain, encoder, "retain", seed=seed) if retain is not None else None
     strg = to_embeddings(strangers, encoder, "strangers", seed=seed) if strangers is not None else None
     anc = check_embeddings(anchors, name="anchors") if anchors is not None else None
+    if target_ids is not None:  # testbed ids of the targets (other renders of them are scored)
+        from fastforget.identity.embeddings import is_id_list
+
+        ids = [int(v) for v in np.atleast_1d(np.asarray(target_ids, dtype=object))] if is_id_list(target_ids) else []
+        if len(ids) != len(tgt) or not all(0 <= v < 2 ** 63 for v in ids):
+            raise InputError(f"target_ids: expected one testbed identity id (an integer >= 0) per target "
+                             f"({len(tgt)}), got {target_ids!r}")
+        target_ids = ids
     if anc is not None and anc.shape != tgt.shape:
         raise EmbeddingError(f"anchors: expected one per target ({tuple(tgt.shape)}), got {tuple(anc.shape)}")
     k = len(tgt)

@@ -177,23 +177,28 @@ def test_pipeline_reproduces_torch_images_at_the_same_noise(pipe, erasure):
     e = torch.cat([req.targets, _emb(2, 9)])
     noise = erased.initial_noise(3, seed=4)
     ref = erased.generate_tensor(e, seed=4, steps=4, guidance=3.0).numpy()
-    got = pipe.generate(e.numpy(), seed=4, steps=4, guidance=3.0, noise=noise.numpy())
+    got = pipe.sample(e.numpy(), seed=4, steps=4, guidance=3.0, noise=noise.numpy())
     assert got.shape == ref.shape == (3, 3, 16, 16)
     np.testing.assert_allclose(got, ref, atol=ATOL_IMAGE)
     # batching inside the runtime does not change images; guidance 1 skips the null branch
-    np.testing.assert_allclose(pipe.generate(e.numpy(), steps=4, noise=noise.numpy(), batch_size=2), got, atol=1e-5)
+    np.testing.assert_allclose(pipe.sample(e.numpy(), steps=4, noise=noise.numpy(), batch_size=2), got, atol=1e-5)
     ref1 = erased.generate_tensor(e[:1], seed=4, steps=3, guidance=1.0).numpy()
-    np.testing.assert_allclose(pipe.generate(e[:1].numpy(), steps=3, guidance=1.0, noise=noise[:1].numpy()), ref1,
+    np.testing.assert_allclose(pipe.sample(e[:1].numpy(), steps=3, guidance=1.0, noise=noise[:1].numpy()), ref1,
                                atol=ATOL_IMAGE)
     # without explicit noise: numpy noise, deterministic per seed, image i from seed + i
-    a = pipe.generate(e.numpy(), seed=7, steps=2)
-    b = pipe.generate(e[1:].numpy(), seed=8, steps=2)
+    a = pipe.sample(e.numpy(), seed=7, steps=2)
+    b = pipe.sample(e[1:].numpy(), seed=8, steps=2)
     np.testing.assert_allclose(a[1:], b, atol=1e-5)
     assert pipe.generate_uint8(e[:1].numpy(), seed=7, steps=2).dtype == np.uint8
+    # the public generate follows diffusers' output_type, as model.generate does
+    as_np = pipe.generate(e.numpy(), seed=7, steps=2, output_type="np")
+    np.testing.assert_allclose(as_np, np.clip(a / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1), atol=1e-6)
+    assert tuple(pipe.generate(e.numpy(), seed=7, steps=2, output_type="pt").shape) == a.shape
+    assert len(pipe.generate(e.numpy(), seed=7, steps=2)) == len(a)  # "pil": one image each
     with pytest.raises(EmbeddingError, match="512"):
-        pipe.generate(np.ones((1, 128), np.float32))
+        pipe.sample(np.ones((1, 128), np.float32))
     with pytest.raises(InputError, match="noise"):
-        pipe.generate(e.numpy(), noise=np.zeros((1, 4, 8, 8), np.float32))
+        pipe.sample(e.numpy(), noise=np.zeros((1, 4, 8, 8), np.float32))
 
 
 def test_manifest_records_patch_source_scheduler_and_parts(onnx_erased, base, erasure, release):  # noqa: F811
@@ -309,12 +314,12 @@ pkg = types.ModuleType("ffx"); pkg.__path__ = [{str(EXPORT_DIR)!r}]; sys.modules
 rt = importlib.import_module("ffx.runtime")
 import numpy as np
 pipe = rt.OnnxPipeline({str(onnx_erased)!r}, providers=["CPUExecutionProvider"], threads=1)
-np.save({str(tmp_path / 'out.npy')!r}, pipe.generate(np.load({str(tmp_path / 'emb.npy')!r}), seed=3, steps=2))
+np.save({str(tmp_path / 'out.npy')!r}, pipe.sample(np.load({str(tmp_path / 'emb.npy')!r}), seed=3, steps=2))
 assert not [m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in ("torch", "fastforget")]
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), pipe.generate(emb, seed=3, steps=2), atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), pipe.sample(emb, seed=3, steps=2), atol=1e-6)
 
 
 # ---------------------------------------------------------------- firewall (pixel-shuffle model)
@@ -343,7 +348,7 @@ def test_firewall_redirects_targets_and_near_copies_only(shuffle_model, tmp_path
                                atol=ATOL_STATES)
     # the full runtime with numpy pixel_shuffle matches torch, and the target comes out as its anchor
     noise = shuffle_model.initial_noise(2, 0).numpy()
-    got = pipe.generate(torch.cat([targets[:1], stranger[:1]]).numpy(), steps=3, noise=noise)
+    got = pipe.sample(torch.cat([targets[:1], stranger[:1]]).numpy(), steps=3, noise=noise)
     ref = shuffle_model.generate_tensor(torch.cat([anchors[:1], stranger[:1]]), seed=0, steps=3).numpy()
     assert got.shape == (2, 3, 16, 16)
     np.testing.assert_allclose(got, ref, atol=ATOL_IMAGE)
@@ -378,7 +383,7 @@ def test_fp16_with_external_data(shuffle_model, tmp_path):
     np.testing.assert_allclose(pipe.condition(e.numpy()), shuffle_model.condition(e).numpy(), atol=2e-2)
     noise = shuffle_model.initial_noise(2, 0).numpy()
     ref = shuffle_model.generate_tensor(e, seed=0, steps=2).numpy()
-    assert np.abs(pipe.generate(e.numpy(), steps=2, noise=noise) - ref).mean() < 2e-2
+    assert np.abs(pipe.sample(e.numpy(), steps=2, noise=noise) - ref).mean() < 2e-2
 
 
 def test_fp16_export_that_overflows_is_refused_and_nothing_is_written(shuffle_model, tmp_path):

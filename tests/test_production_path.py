@@ -17,7 +17,7 @@ from test_arcface_onnx import onnx_encoder  # noqa: F401  (fixture: tiny random-
 from test_models import _emb, _tiny_parts, release  # noqa: F401  (fixture: tiny Arc2Face release layout)
 
 # a small default-set recipe so the tiny model draws in seconds; the recipe logic is the same
-SMALL = {"drawn": 16, "draw_steps": 2, "random": 256}
+SMALL = {"drawn": 16, "draw_steps": 2, "samples": 256}
 
 
 @pytest.fixture(autouse=True)
@@ -190,3 +190,18 @@ def test_registry_picks_the_family_from_the_folder(tmp_path):
         ff.load(tmp_path / "junk")
     with pytest.raises(InputError, match="base"):
         ff.load(tmp_path / "ddpm", base=tmp_path)
+
+
+def test_gallery_from_a_folder_of_photos(encoder, tmp_path):
+    from PIL import Image
+
+    imgs, _ = ff.testbed.render([5, 6, 7], 1, seed=0)
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(tmp_path / f"p{i}.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    g = ff.gallery.from_folder(tmp_path, encoder, progress=False)
+    assert g.shape == (3, 512) and torch.allclose(g, encoder.encode(imgs), atol=1e-5)
+    ff.gallery.save(tmp_path / "g.npy", g)
+    assert torch.equal(ff.gallery.load(tmp_path / "g.npy"), g)
+    with pytest.raises(InputError, match="nowhere"):
+        ff.gallery.from_folder(tmp_path / "nowhere", encoder)

@@ -114,6 +114,9 @@ class ArcFaceOnnxEncoder(IdentityEncoder):
 
     @torch.no_grad()
     def encode(self, images, name: str = "images", batch_size: int = 64) -> torch.Tensor:
+        from fastforget.models.common import check_int
+
+        check_int(batch_size, "batch_size")
         arrs, labels = as_image_batch(images, name=name, with_labels=True)
         return self._embed([self._crop(a, lab) for a, lab in zip(arrs, labels)], batch_size)
 

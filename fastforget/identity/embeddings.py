@@ -22,7 +22,7 @@ def check_embeddings(emb, dim: int = EMBED_DIM, name: str = "embeddings") -> tor
     if not isinstance(emb, torch.Tensor):
         try:
             emb = torch.as_tensor(np.asarray(emb, dtype=np.float64))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: ints beyond float64 (2**1100)
             raise EmbeddingError(f"{name}: expected an (N, {dim}) array of embeddings, got {type(emb).__name__}") from None
     if not torch.is_floating_point(emb):
         raise EmbeddingError(f"{name}: embeddings must be floating point, got {emb.dtype}")
@@ -109,9 +109,13 @@ def identity_sets(x, encoder=None, name: str = "targets", per_identity: int = 8,
     if is_id_list(x):
         from fastforget.testbed import render
 
-        ids = np.atleast_1d(np.asarray(x, dtype=np.int64))
-        if (ids < 0).any():
-            raise InputError(f"{name}: testbed identity ids must be >= 0, got {int(ids.min())}")
+        vals = [int(x)] if isinstance(x, (int, np.integer)) else [int(v) for v in x]  # exact: no int64 wrap-around
+        if not vals:
+            raise InputError(f"{name}: no identities given (an empty id array)")
+        bad = [v for v in vals if not 0 <= v < 2 ** 63]
+        if bad:
+            raise InputError(f"{name}: testbed identity ids must be >= 0 and < 2**63, got {bad[0]}")
+        ids = np.asarray(vals, dtype=np.int64)
         if encoder is None:
             raise InputError(f"{name}: testbed identity ids need an encoder (ff.load_encoder('demo'))")
         ims, _ = render(ids, per_identity, seed=seed)

@@ -49,7 +49,11 @@ def as_image_batch(images, name: str = "images", with_labels: bool = False):
     for i, item in enumerate(items):
         label = image_label(name, i, item)
         if isinstance(item, (str, os.PathLike)):
-            if not Path(item).is_file():
+            try:
+                is_file = Path(item).is_file()
+            except OSError as exc:  # a name too long for the file system, a folder that cannot be searched
+                raise InputError(f"{label}: {exc.strerror or exc}") from None
+            if not is_file:
                 raise InputError(f"{label}: no such image file")
             try:
                 with Image.open(item) as im:
@@ -61,7 +65,10 @@ def as_image_batch(images, name: str = "images", with_labels: bool = False):
                 raise InputError(f"{label}: cannot read image: {exc}") from None
         elif isinstance(item, Image.Image):
             item = _pil_to_rgb(item, label)
-        arr = np.asarray(item)
+        try:
+            arr = np.asarray(item)
+        except (TypeError, ValueError, OverflowError):  # ragged nested lists, objects numpy cannot hold
+            raise InputError(f"{label}: expected an (H, W, 3) RGB image, got {type(item).__name__}") from None
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise InputError(f"{label}: expected an (H, W, 3) RGB image, got shape {arr.shape}")
         if min(arr.shape[:2]) < MIN_SIDE:
@@ -163,6 +170,9 @@ class TestbedEncoder(IdentityEncoder):
 
     @torch.no_grad()
     def encode(self, images, name: str = "images", batch_size: int = 512) -> torch.Tensor:
+        from fastforget.models.common import check_int
+
+        check_int(batch_size, "batch_size")
         arrs = as_image_batch(images, name=name)
         out = []
         for i in range(0, len(arrs), batch_size):
@@ -184,16 +194,38 @@ def load_encoder(spec="demo", **kwargs) -> IdentityEncoder:
     if isinstance(spec, str) and spec == "demo":
         from fastforget.testbed import weights_dir
 
+        _check_encoder_options(kwargs, {})
         return TestbedEncoder.from_file(weights_dir() / "encoder.safetensors")
     if not isinstance(spec, (str, os.PathLike)):
         raise InputError(f"encoder: expected 'demo', a path to an ArcFace .onnx, or an IdentityEncoder; got "
                          f"{type(spec).__name__}")
     path = Path(spec)
+    try:
+        path.exists()
+    except OSError as exc:  # a name too long for the file system, a folder that cannot be searched
+        raise ModelLoadError(f"encoder {path}: {exc.strerror or exc}") from None
     if path.suffix == ".safetensors":
+        _check_encoder_options(kwargs, {})
         return TestbedEncoder.from_file(path)
     from fastforget.identity.arcface import ArcFaceOnnxEncoder
 
+    _check_encoder_options(kwargs, {"providers": None, "det_size": 640})
     return ArcFaceOnnxEncoder.load(path, **kwargs)
+
+
+def _check_encoder_options(kwargs: dict, known: dict) -> None:
+    """load_encoder's options: only those the encoder takes, with usable values."""
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise InputError(f"load_encoder: option(s) {unknown} do not apply here (it takes: "
+                         f"{', '.join(known) or 'none'})")
+    prov = kwargs.get("providers")
+    if prov is not None and (not isinstance(prov, (list, tuple)) or not all(isinstance(p, str) for p in prov)):
+        raise InputError(f"providers: expected a list of ONNX Runtime provider names, got {prov!r}")
+    if "det_size" in kwargs:
+        from fastforget.models.common import check_int
+
+        check_int(kwargs["det_size"], "det_size", 32, 4096)
 
 
 _DEMO_ENCODER: list = []

@@ -2,11 +2,11 @@
 
 With a face gallery at hand, pass it (`preserve=` embeddings, or `ff.gallery.from_folder`). Without
 one, the default is built from what the model and the encoder give: the generator draws faces from
-random identity vectors and the caller's encoder re-encodes them. These embeddings lie where the
-encoder puts real faces (random unit vectors do not: ArcFace embeddings of faces fill a small part
-of the sphere), so holding them fixed holds the people an edit could move. Random unit vectors are
-added to cover every direction weakly. The testbed (`ff.load("demo")`) uses 2,000 identities
-reserved for it instead.
+random identity vectors and the caller's encoder re-encodes them (these lie where the encoder puts
+faces; random unit vectors do not: face embeddings fill a small part of the sphere), and samples of a
+zero-mean Gaussian with the drawn set's covariance are added (drawn faces share a bias that real
+people do not; see `gaussian_samples`). The testbed (`ff.load("demo")`) uses 2,000 identities
+reserved for it instead. Measured in benchmarks/preservation.py.
 
 Computed once per (model weights, encoder, recipe) and cached on disk in the user's cache folder
 ($FASTFORGET_CACHE, else $XDG_CACHE_HOME/fastforget, else ~/.cache/fastforget), never inside the
@@ -29,7 +29,8 @@ from fastforget.identity.embeddings import random_unit_vectors
 log = logging.getLogger("fastforget")
 
 # measured on a copy of the testbed folder (benchmarks/preservation.py): see README "Preservation"
-DEFAULT_RECIPE = {"drawn": 256, "draw_steps": 10, "draw_guidance": 3.0, "random": 2000, "seed": 0, "version": 1}
+DEFAULT_RECIPE = {"drawn": 256, "draw_steps": 10, "draw_guidance": 3.0, "samples": 2000, "random": 0, "seed": 0,
+                  "version": 2}
 
 
 @dataclass
@@ -77,8 +78,29 @@ def drawn_identities(model, encoder, n: int, *, steps: int, guidance: float, see
     for i in tqdm(range(0, n, batch), desc="preservation set: drawing identities", disable=not progress,
                   leave=False):
         imgs = model.generate_tensor(z[i:i + batch], seed=seed + 10_000 + i, steps=steps, guidance=guidance)
-        out.append(encoder.encode_tensor(imgs).float().cpu())
+        out.append(encoder.encode_tensor(imgs).detach().float().cpu())
     return F.normalize(torch.cat(out), dim=1)
+
+
+def gaussian_samples(emb: torch.Tensor, n: int, seed: int = 0, shrink: float = 0.05) -> torch.Tensor:
+    """n unit vectors from a zero-mean Gaussian with the covariance of `emb` (shrunk towards its mean
+    variance so that directions the drawn faces did not reach keep a little mass).
+
+    Why zero-mean: faces a generator draws from random identity vectors share a bias (testbed: mean
+    pairwise cosine 0.13, |mean| 0.36), while an ArcFace encoder spreads real people around the origin
+    (unrelated identities at cosine ~0; testbed gallery: 0.001). Their covariance does span where
+    faces lie (85% of a real gallery's variance in the drawn set's top 25 directions, against 89% in the
+    gallery's own), so the samples keep it and drop the bias."""
+    if n <= 0:
+        return emb.new_zeros((0, emb.shape[1]))
+    x = emb.double()
+    xc = x - x.mean(0)
+    cov = xc.T @ xc / max(len(x) - 1, 1)
+    cov = (1 - shrink) * cov + shrink * cov.diagonal().mean() * torch.eye(x.shape[1], dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh(cov)
+    root = evecs * evals.clamp_min(0).sqrt()
+    z = torch.randn(n, x.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return F.normalize(z @ root.T, dim=1).float()
 
 
 def default_set(model, encoder, *, progress: bool = True, recipe: dict | None = None,
@@ -101,8 +123,14 @@ def default_set(model, encoder, *, progress: bool = True, recipe: dict | None = 
     drawn = drawn_identities(model, encoder, recipe["drawn"], steps=recipe["draw_steps"],
                              guidance=recipe["draw_guidance"], seed=recipe["seed"], progress=progress) \
         if recipe["drawn"] else torch.zeros(0, 512)
+    fitted = gaussian_samples(drawn, recipe["samples"], seed=recipe["seed"] + 3) if len(drawn) >= 2 \
+        else torch.zeros(0, 512)
     rnd = random_unit_vectors(recipe["random"], seed=recipe["seed"] + 2)
-    emb = torch.cat([drawn, rnd]).contiguous()
+    emb = torch.cat([drawn, fitted, rnd]).contiguous()
+    if not len(emb):
+        from fastforget.errors import InputError
+
+        raise InputError("preserve: the recipe holds no identities (drawn, samples and random are all 0)")
     pool = drawn if len(drawn) else rnd
     if use_cache:
         _save(path, {"embeddings": emb, "anchor_pool": pool.contiguous()})

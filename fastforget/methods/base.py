@@ -1,13 +1,17 @@
 """What every erasure method receives and returns."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from fastforget.errors import InputError, UnknownMethodError
+
+# bounds that keep an accepted option from overflowing float32 or allocating without end
+MAX_LR = 1.0           # AdamW: lr beyond float32's range raises inside the optimizer; above 1 nothing is learned
+MAX_BATCH = 1024       # images per step (micro_batch, bia's batch / n_sources / n_preserve)
+MAX_SAMPLES = 4096     # neighbourhood sizes (bia's neighbours, k_nearest, absorb_codes)
 
 _REGISTRY: dict = {}
 _VALIDATORS: dict = {}
@@ -83,22 +87,29 @@ def merge_options(name: str, defaults: dict, options: dict, allowed=None) -> dic
     return {**{k: v for k, v in defaults.items() if k in allowed}, **options}
 
 
-def check_int(name: str, cfg: dict, key: str, minimum: int = 1) -> None:
-    """cfg[key] (if present) must be an integer >= minimum; stored as int."""
+def check_int(name: str, cfg: dict, key: str, minimum: int = 1, maximum: int | None = None) -> None:
+    """cfg[key] (if present) must be an integer >= minimum (and <= maximum); stored as int."""
     if key in cfg:
         v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-            raise InputError(f"{name}: option {key!r} must be an integer >= {minimum}, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum or \
+                (maximum is not None and v > maximum):
+            bound = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+            raise InputError(f"{name}: option {key!r} must be an integer {bound}, got {v!r}")
         cfg[key] = int(v)
 
 
-def check_number(name: str, cfg: dict, key: str, lo: float | None = None, strict: bool = False) -> None:
-    """cfg[key] (if present) must be a finite number (>= lo, or > lo when strict); stored as float."""
+def check_number(name: str, cfg: dict, key: str, lo: float | None = None, strict: bool = False,
+                 hi: float | None = None) -> None:
+    """cfg[key] (if present) must be a finite number (>= lo, or > lo when strict; <= hi); stored as float."""
     if key in cfg:
         v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+        from fastforget.models.common import is_finite_number
+
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not is_finite_number(v):
             raise InputError(f"{name}: option {key!r} must be a finite number, got {v!r}")
         v = float(v)
         if lo is not None and (v <= lo if strict else v < lo):
             raise InputError(f"{name}: option {key!r} must be {'>' if strict else '>='} {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise InputError(f"{name}: option {key!r} must be <= {hi}, got {v}")
         cfg[key] = v

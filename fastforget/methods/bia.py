@@ -48,7 +48,9 @@ import torch
 import torch.nn.functional as F
 
 from fastforget.errors import InputError
-from fastforget.methods.base import ErasureRequest, check_int, check_number, merge_options, register_method
+from fastforget.methods.base import (MAX_BATCH, MAX_LR, MAX_SAMPLES, ErasureRequest, check_int, check_number,
+                                     merge_options, register_method)
+from fastforget.models.common import MAX_GUIDANCE
 from fastforget.models.unconditional import UnconditionalDiffusion  # noqa: F401  (moved to models/; kept importable)
 from fastforget.patch import Patch, fingerprint_embeddings
 
@@ -87,11 +89,14 @@ def resolve_options(options: dict, *, allowed=None) -> dict:
     """Defaults + options, checked. Unknown names raise InputError naming them."""
     cfg = merge_options("bia", BIA_DEFAULTS, options, allowed)
 
-    def pos_int(key, minimum=1):
-        check_int("bia", cfg, key, minimum)
+    limits = {"batch": MAX_BATCH, "n_sources": MAX_BATCH, "n_preserve": MAX_BATCH, "neighbours": MAX_SAMPLES,
+              "k_nearest": MAX_SAMPLES, "absorb_codes": MAX_SAMPLES}
 
-    def num(key, lo=None, strict=False):
-        check_number("bia", cfg, key, lo, strict)
+    def pos_int(key, minimum=1):
+        check_int("bia", cfg, key, minimum, limits.get(key))
+
+    def num(key, lo=None, strict=False, hi=None):
+        check_number("bia", cfg, key, lo, strict, hi)
 
     for k in ("inversion_steps", "decode_steps", "k_nearest", "n_sources", "source_steps", "chunk", "steps",
               "batch", "t0"):
@@ -99,20 +104,24 @@ def resolve_options(options: dict, *, allowed=None) -> dict:
     pos_int("neighbours", 2)
     for k in ("rebalance_tries", "halvings", "absorb_codes", "n_preserve"):
         pos_int(k, 0)
-    for k in ("sigma", "radius_max", "C", "lr"):
+    for k in ("sigma", "C"):
         num(k, 0.0, strict=True)
+    num("lr", 0.0, strict=True, hi=MAX_LR)
+    num("radius_max", 0.0, strict=True, hi=1e6)  # x ||h_r|| (or absolute): larger overflows float32 to NaN codes
     for k in ("wrapper_threshold", "mse_weight", "perceptual_weight", "weight_decay", "preserve_weight"):
         num(k, 0.0)
     num("tau")
-    num("source_guidance")
+    num("source_guidance", 0.0, hi=MAX_GUIDANCE)
     if "tau" in cfg and not -1.0 <= cfg["tau"] <= 1.0:
         raise InputError(f"bia: option 'tau' must lie in [-1, 1], got {cfg['tau']}")
-    if "mode" in cfg and cfg["mode"] not in ("absorb", "edit"):
+    if "mode" in cfg and (not isinstance(cfg["mode"], str) or cfg["mode"] not in ("absorb", "edit")):
         raise InputError(f"bia: option 'mode' must be 'absorb' or 'edit', got {cfg['mode']!r}")
-    if "radius_units" in cfg and cfg["radius_units"] not in ("relative", "absolute"):
+    if "radius_units" in cfg and (not isinstance(cfg["radius_units"], str)
+                                  or cfg["radius_units"] not in ("relative", "absolute")):
         raise InputError(f"bia: option 'radius_units' must be 'relative' (x ||h_r||) or 'absolute', "
                          f"got {cfg['radius_units']!r}")
-    if "absorb_target" in cfg and cfg["absorb_target"] not in ("x0", "eps"):
+    if "absorb_target" in cfg and (not isinstance(cfg["absorb_target"], str)
+                                   or cfg["absorb_target"] not in ("x0", "eps")):
         raise InputError(f"bia: option 'absorb_target' must be 'x0' or 'eps', got {cfg['absorb_target']!r}")
     for key in ("asymmetric", "conditional"):
         if key in cfg and not isinstance(cfg[key], (bool, np.bool_)):
@@ -121,7 +130,7 @@ def resolve_options(options: dict, *, allowed=None) -> dict:
         v = cfg["push_margin"]
         try:
             lo, hi = (float(v), float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else map(float, v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InputError(f"bia: option 'push_margin' must be a number or a (low, high) pair, got {v!r}") from None
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
             raise InputError(f"bia: option 'push_margin' must satisfy 0 <= low <= high, got {v!r}")

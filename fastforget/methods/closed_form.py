@@ -28,17 +28,18 @@ from fastforget.patch import Patch, fingerprint_embeddings, get_parameter
 
 
 @torch.no_grad()
-def _states(model, emb: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def _states(model, emb: torch.Tensor, batch: int = 32) -> torch.Tensor:
     if emb.shape[0] == 0:
         return torch.zeros(0, model._prompt_ids.shape[1], model.text_width, dtype=torch.float64)
     return torch.cat([model.condition(emb[i:i + batch]).double().cpu() for i in range(0, len(emb), batch)])
 
 
 _GRAM_CACHE: dict = {}
+STATE_BATCH = 32  # text-encoder sequences per pass: CLIP-L activations of 32 x 77 tokens stay ~0.1 GB
 
 
 @torch.no_grad()
-def _gram(model, emb: torch.Tensor, batch: int = 256, disk: bool = False) -> torch.Tensor:
+def _gram(model, emb: torch.Tensor, batch: int = 32, disk: bool = False) -> torch.Tensor:
     """Σ over embeddings and tokens of c cᵀ, accumulated in float64 chunk by chunk. Cached (MACE's
     cached preservation statistics) in memory and, with `disk` (the large preservation set), in the
     user's cache folder keyed by the text encoder's weight hash: the next request reuses it."""
@@ -70,11 +71,22 @@ def solve_kv_map(model, request: ErasureRequest, *, erase_weight: float, preserv
                  neighbours: int, neighbour_cos, use_preserve: bool, seed: int):
     """The D x D float64 map T with W_new = W0 T for every attn2 to_k / to_v, and the row counts."""
     d = model.text_width
-    src = torch.cat([request.targets, neighbours_of(request.targets, neighbours, neighbour_cos, seed)])
+    k = len(request.targets)
     n_per = 1 + neighbours
-    anchors = torch.cat([request.anchors, request.anchors.repeat_interleave(neighbours, 0)])
-    ct = _states(model, src).reshape(-1, d)
-    ca = _states(model, anchors).reshape(-1, d)
+    # rows of target i: the target and its neighbours, all mapped to anchor i. Streamed in small batches
+    # (text-encoder activations stay small) into Σ c_t c_tᵀ and per-target sums of c_t, so that
+    # Σ c_a c_tᵀ = Σ_i A_iᵀ (Σ_rows of i S): each anchor's states are computed once, not once per row
+    src = torch.cat([request.targets, neighbours_of(request.targets, neighbours, neighbour_cos, seed)])
+    owner = torch.cat([torch.arange(k), torch.arange(k).repeat_interleave(neighbours)])
+    anchor_states = _states(model, request.anchors)                      # (K, L, d)
+    gtt = torch.zeros(d, d, dtype=torch.float64)
+    sums = torch.zeros_like(anchor_states)                                 # (K, L, d)
+    for i in range(0, len(src), STATE_BATCH):
+        s = _states(model, src[i:i + STATE_BATCH])
+        flat = s.reshape(-1, d)
+        gtt += flat.T @ flat
+        sums.index_add_(0, owner[i:i + STATE_BATCH], s)
+    gat = torch.einsum("kla,klb->ab", anchor_states, sums)
     keep = [model.null_condition(1).double().cpu().reshape(-1, d)]
     gp = keep[0].T @ keep[0]
     n_keep = keep[0].shape[0]
@@ -85,12 +97,12 @@ def solve_kv_map(model, request: ErasureRequest, *, erase_weight: float, preserv
         gp += _gram(model, request.preserve, disk=True)
         n_keep += len(request.preserve) * model._prompt_ids.shape[1]
     eye = torch.eye(d, dtype=torch.float64)
-    a = lam * eye + erase_weight * (ct.T @ ct) + preserve_weight * gp
-    m = lam * eye + erase_weight * (ca.T @ ct) + preserve_weight * gp
+    a = lam * eye + erase_weight * gtt + preserve_weight * gp
+    m = lam * eye + erase_weight * gat + preserve_weight * gp
     # W A = W0 M  ->  T = M A^{-1}; A is symmetric positive definite
     chol = torch.linalg.cholesky(a)
     t = torch.cholesky_solve(m.T, chol).T
-    return t, {"target_rows": ct.shape[0], "preserved_rows": n_keep, "rows_per_target": n_per}
+    return t, {"target_rows": len(src) * anchor_states.shape[1], "preserved_rows": n_keep, "rows_per_target": n_per}
 
 
 def _resolve(name: str, defaults: dict, options: dict) -> dict:
@@ -98,12 +110,12 @@ def _resolve(name: str, defaults: dict, options: dict) -> dict:
     check_number(name, cfg, "erase_weight", 0.0, strict=True)
     check_number(name, cfg, "preserve_weight", 0.0)
     check_number(name, cfg, "lam", 0.0, strict=True)  # λI keeps A positive definite
-    check_int(name, cfg, "neighbours", 0)
+    check_int(name, cfg, "neighbours", 0, MAX_NEIGHBOURS)
     v = cfg["neighbour_cos"]
     try:
         lo, hi = (float(x) for x in v)
         ok = not isinstance(v, str) and all(not isinstance(x, bool) for x in v) and -1.0 <= lo <= hi < 1.0
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
         raise InputError(f"{name}: option 'neighbour_cos' must be a (low, high) pair of cosines with "
@@ -116,10 +128,17 @@ def _resolve(name: str, defaults: dict, options: dict) -> dict:
 
 def _fit(name, model, request, *, seed, progress, defaults, options):
     cfg = _resolve(name, defaults, options)
-    tmap, counts = solve_kv_map(model, request, erase_weight=cfg["erase_weight"],
-                                preserve_weight=cfg["preserve_weight"], lam=cfg["lam"],
-                                neighbours=cfg["neighbours"], neighbour_cos=tuple(cfg["neighbour_cos"]),
-                                use_preserve=cfg["use_preserve"], seed=seed)
+    try:
+        tmap, counts = solve_kv_map(model, request, erase_weight=cfg["erase_weight"],
+                                    preserve_weight=cfg["preserve_weight"], lam=cfg["lam"],
+                                    neighbours=cfg["neighbours"], neighbour_cos=tuple(cfg["neighbour_cos"]),
+                                    use_preserve=cfg["use_preserve"], seed=seed)
+    except torch.linalg.LinAlgError:  # lam too small (or weights too large) for float64: A is not positive definite
+        from fastforget.errors import FitError
+
+        raise FitError(f"{name}: the solve is not numerically positive definite with options 'lam' = {cfg['lam']}, "
+                       f"'erase_weight' = {cfg['erase_weight']}, 'preserve_weight' = {cfg['preserve_weight']}; "
+                       "raise 'lam' (default 0.1) or lower the weights") from None
     new = {}
     for pname in attn2_kv_names(model):
         w0 = get_parameter(model, pname).detach().double().cpu()
@@ -136,6 +155,8 @@ CLOSED_FORM_DEFAULTS = {"erase_weight": 10.0, "preserve_weight": 0.05, "lam": 0.
                         "neighbour_cos": [0.75, 0.95], "use_preserve": True}
 UCE_DEFAULTS = {"erase_weight": 20.0, "preserve_weight": 1.0, "lam": 0.7, "neighbours": 0,
                 "neighbour_cos": [0.75, 0.95], "use_preserve": False}
+# neighbours per target: each is one more text-encoder pass (and a float64 512-d row); 10**9 would never finish
+MAX_NEIGHBOURS = 1000
 
 
 @register_method("closed_form", validate=lambda o: _resolve("closed_form", CLOSED_FORM_DEFAULTS, o))

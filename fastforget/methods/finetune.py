@@ -58,7 +58,8 @@ import torch
 import torch.nn.functional as F
 
 from fastforget.errors import InputError
-from fastforget.methods.base import ErasureRequest, check_int, check_number, merge_options, register_method
+from fastforget.methods.base import (MAX_BATCH, MAX_LR, ErasureRequest, check_int, check_number, merge_options,
+                                     register_method)
 from fastforget.patch import Patch, fingerprint_embeddings
 
 EMBED_DIM = 512
@@ -76,8 +77,8 @@ ESD_X_DEFAULTS = {"steps": 1000, "lr": 1e-5, "eta": 1.0, "micro_batch": 16}
 def _resolve_options(name: str, defaults: dict, options: dict) -> dict:
     cfg = merge_options(name, defaults, options)
     for key in ("steps", "micro_batch", "accumulation"):
-        check_int(name, cfg, key)
-    check_number(name, cfg, "lr", 0.0, strict=True)
+        check_int(name, cfg, key, maximum=MAX_BATCH if key == "micro_batch" else None)
+    check_number(name, cfg, "lr", 0.0, strict=True, hi=MAX_LR)
     for key in ("weight_decay", "lambda_p"):
         check_number(name, cfg, key, 0.0)
     check_number(name, cfg, "eta")
@@ -88,7 +89,7 @@ def _resolve_options(name: str, defaults: dict, options: dict) -> dict:
                 raise InputError(f"{name}: option 'layers' must be 'auto', 'x', 'full' or a non-empty list "
                                  f"of attn2 module names, got {v!r}")
             cfg["layers"] = list(v)
-        elif v not in ("auto", "x", "full"):
+        elif not isinstance(v, str) or v not in ("auto", "x", "full"):  # an array would compare elementwise
             raise InputError(f"{name}: option 'layers' must be 'auto', 'x', 'full' or a list of attn2 module "
                              f"names, got {v!r}")
     return cfg

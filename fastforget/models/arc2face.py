@@ -137,6 +137,8 @@ class Arc2FaceModel:
         """Per-image noise: image i uses seed + i, so a batch and its parts give the same images."""
         from fastforget.models.common import check_seed
 
+        if isinstance(seed, (list, tuple)) and len(seed) != n:
+            raise InputError(f"seed: {len(seed)} seed(s) given for {n} image(s); give one integer or one per image")
         seeds = [check_seed(s, 1, f"seed[{i}]") for i, s in enumerate(seed)] if isinstance(seed, (list, tuple)) \
             else [check_seed(seed, n) + i for i in range(n)]
         shape = self.sample_shape(1)[1:]
@@ -149,11 +151,21 @@ class Arc2FaceModel:
         """Images (N, 3, H, W) in [-1, 1]. Give embeddings, or precomputed `cond` states."""
         from tqdm import tqdm
 
-        from fastforget.models.common import check_sampling
+        from fastforget.models.common import check_int, check_sampling
 
         steps, guidance = check_sampling(steps, guidance, scheduler=self.scheduler)
+        check_int(batch_size, "batch_size")
+        if not isinstance(progress, bool):
+            raise InputError(f"progress: expected True or False, got {progress!r}")
+        if scheduler is not None and not all(hasattr(scheduler, a) for a in ("set_timesteps", "step", "timesteps")):
+            raise InputError(f"scheduler: expected a diffusers scheduler, got {type(scheduler).__name__}")
         if cond is None:
             cond = self.condition(embeddings)
+        elif not isinstance(cond, torch.Tensor) or not cond.is_floating_point() or cond.ndim != 3 or not len(cond) \
+                or cond.shape[1:] != (self._prompt_ids.shape[1], self.text_width) or not torch.isfinite(cond).all():
+            raise InputError(f"cond: expected finite text-encoder states (N, {self._prompt_ids.shape[1]}, "
+                             f"{self.text_width}) as model.condition() returns, got "
+                             f"{tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__}")
         n = cond.shape[0]
         noise = self.initial_noise(n, seed)
         out = []
@@ -180,6 +192,12 @@ class Arc2FaceModel:
         `output_type` convention: "pil" (list of PIL images), "np" (float32 NHWC in [0, 1]), "pt" (NCHW in [0, 1])."""
         from fastforget.models.common import check_sampling, format_images
 
+        unknown = sorted(set(kw) - {"cond", "batch_size", "scheduler", "progress"})
+        if unknown:
+            raise InputError(f"generate: unknown argument(s) {unknown} (also takes: cond, batch_size, scheduler, "
+                             "progress)")
+        if output_type is None:  # check_sampling skips None; format_images would refuse it after the work
+            raise InputError("output_type: expected one of ('pil', 'np', 'pt'), got None")
         check_sampling(steps, guidance, output_type, self.scheduler)
         return format_images(self.generate_tensor(embeddings, seed=seed, steps=steps, guidance=guidance, **kw),
                              output_type)
@@ -250,15 +268,15 @@ def _load_text_encoder(folder: Path):
     if (folder / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
-        try:
-            state = load_file(str(folder / "model.safetensors"))
-        except Exception as exc:
-            raise ModelLoadError(f"{folder / 'model.safetensors'}: unreadable ({str(exc)[:200]})") from None
         where = folder / "model.safetensors"
+        try:
+            state = load_file(str(where))
+        except Exception as exc:
+            raise ModelLoadError(f"{where}: unreadable ({str(exc)[:200]})") from None
     elif (folder / "pytorch_model.bin").is_file():
         where = folder / "pytorch_model.bin"
-        try:
-            state = torch.load(where, map_location="cpu", weights_only=True)
+        try:  # plain tensors only (no code runs), memory-mapped: no second copy while loading
+            state = torch.load(where, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
             raise ModelLoadError(f"{where}: cannot be read as plain tensors ({str(exc)[:200]})") from None
         if not isinstance(state, dict):
@@ -266,13 +284,19 @@ def _load_text_encoder(folder: Path):
     else:
         raise ModelLoadError(f"{folder}: no model.safetensors or pytorch_model.bin")
     try:
-        model = CLIPTextModel(config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        with torch.device("meta"):  # no random init: the weights are assigned, not copied
+            model = CLIPTextModel(config)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except Exception as exc:
         raise ModelLoadError(f"{where}: weights do not fit {folder / 'config.json'} ({str(exc)[:200]})") from None
+    emb = model.text_model.embeddings
+    if emb.position_ids.is_meta:  # a non-persistent buffer: not in the file
+        emb.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)),
+                            persistent=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing:
-        raise ModelLoadError(f"{where}: missing weights {missing[:5]}")
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing or still_meta:
+        raise ModelLoadError(f"{where}: missing weights {(missing or still_meta)[:5]}")
     return model.float()
 
 
@@ -352,6 +376,8 @@ def _check_geometry(unet, unshuffle, vae, where: Path) -> int:
 def load_arc2face(path, base=None, allow_nonfinite: bool = False) -> Arc2FaceModel:
     """Load a fastforget folder, or the Arc2Face release layout with `base` = SD-1.5 folder."""
     root = Path(path)
+    if not isinstance(allow_nonfinite, bool):
+        raise InputError(f"allow_nonfinite: expected True or False, got {allow_nonfinite!r}")
     if not root.is_dir():
         raise ModelLoadError(f"model folder not found: {root}")
     meta = read_manifest(root)
@@ -371,9 +397,17 @@ def load_arc2face(path, base=None, allow_nonfinite: bool = False) -> Arc2FaceMod
         if base is None:
             raise ModelLoadError(f"{root}: Arc2Face release layout needs base= an SD-1.5 folder "
                                  "(tokenizer/, vae/, scheduler/)")
+        from os import PathLike
+
+        if not isinstance(base, (str, PathLike)):
+            raise InputError(f"base: expected the path of an SD-1.5 folder, got {type(base).__name__}")
         base = Path(base)
         for sub in ("tokenizer", "vae", "scheduler"):
-            if not (base / sub).is_dir():
+            try:
+                found = (base / sub).is_dir()
+            except OSError as exc:  # a name too long for the file system
+                raise ModelLoadError(f"base {base}: {exc.strerror or exc}") from None
+            if not found:
                 raise ModelLoadError(f"base {base}: missing {sub}/")
         unet = _load_unet(root / "arc2face")
         text_encoder = _load_text_encoder(root / "encoder")

@@ -10,6 +10,7 @@ from fastforget.errors import InputError
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed's range
+MAX_GUIDANCE = 100.0  # classifier-free guidance scale; far above any useful value, far below float overflow
 
 
 def check_seed(seed, n: int = 1, name: str = "seed") -> int:
@@ -31,11 +32,19 @@ def check_int(value, name: str, minimum: int = 1, maximum: int | None = None) ->
     return int(value)
 
 
+def is_finite_number(value) -> bool:
+    """math.isfinite, False (not OverflowError) for an int beyond the float range (2**2000)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_float(value, name: str, minimum: float | None = None, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value):
+            or not is_finite_number(value):
         raise InputError(f"{name}: expected a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise InputError(f"{name}: must be >= {minimum}, got {value}")
@@ -46,7 +55,9 @@ def check_sampling(steps, guidance, output_type: str | None = None, scheduler=No
     limit = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
     steps = check_int(steps, "steps", 1, limit)
     guidance = check_float(guidance, "guidance", 0.0, allow_none=True)
-    if output_type is not None and output_type not in OUTPUT_TYPES:
+    if guidance is not None and guidance > MAX_GUIDANCE:  # eps * 1e30 overflows float32: NaN images
+        raise InputError(f"guidance: must be <= {MAX_GUIDANCE} (Arc2Face uses 3), got {guidance}")
+    if output_type is not None and (not isinstance(output_type, str) or output_type not in OUTPUT_TYPES):
         raise InputError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
     return steps, guidance
 

@@ -107,7 +107,11 @@ def load(spec="demo", base=None, **kwargs):
         raise ModelLoadError(f"cannot load a model from {type(spec).__name__}; pass a built-in name "
                              f"({', '.join(sorted(_BUILTINS))}), a model folder or a checkpoint file")
     path = Path(spec)
-    if not path.exists():
+    try:
+        found = path.exists()
+    except OSError as exc:  # a name too long for the file system, a folder that cannot be searched
+        raise ModelLoadError(f"model {path}: {exc.strerror or exc}") from None
+    if not found:
         raise ModelLoadError(f"model not found: {path} (built-in names: {', '.join(sorted(_BUILTINS))})")
     for a in _ADAPTERS.values():
         if a.detect(path):

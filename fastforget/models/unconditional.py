@@ -103,6 +103,10 @@ def load_unconditional(path, allow_nonfinite: bool = False) -> UnconditionalDiff
     from fastforget.models.arc2face import _check_finite, load_scheduler, low_cpu_mem
 
     root = Path(path)
+    if not isinstance(allow_nonfinite, bool):
+        from fastforget.errors import InputError
+
+        raise InputError(f"allow_nonfinite: expected True or False, got {allow_nonfinite!r}")
     folder = _unet_folder(root)
     if folder is None:
         raise ModelLoadError(f"{root}: no UNet2DModel (expected unet/config.json or config.json naming it)")
