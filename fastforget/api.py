@@ -110,6 +110,12 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
 
     fit = get_method(method)
     model = load(model)
+    from fastforget.methods.base import check_model
+
+    check_model(method, model)  # e.g. closed_form on an unconditional model: refused here, not mid-fit
+    if report and not hasattr(model, "condition"):
+        raise InputError(f"report: the report generates identities, which this {getattr(model, 'family', '')} "
+                         "model cannot (it has no identity conditioning); pass report=False")
     encoder = resolve_encoder(encoder, model, "erase") if encoder is not None or model.is_testbed else None
 
     def need_encoder():

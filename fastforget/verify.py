@@ -104,6 +104,10 @@ def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0
     check_salt(salt)
     model = load(model)
     baseline = load(baseline) if baseline is not None else None
+    for what, m in (("model", model), ("baseline", baseline)):
+        if m is not None and not hasattr(m, "condition"):
+            raise InputError(f"{what}: verify generates identities, which this {getattr(m, 'family', '')} model "
+                             "cannot (it has no identity conditioning)")
     encoder = resolve_encoder(encoder, model, "verify")
     t0 = time.perf_counter()
     tgt = to_embeddings(targets, encoder, "targets", seed=seed)

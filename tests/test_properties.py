@@ -511,8 +511,9 @@ def test_erase_scalar_arguments(tiny, probe, args):
 
 # ---------------------------------------------------------------- method options via ff.erase
 OPTION_KEYS = {
-    "closed_form": ["erase_weight", "preserve_weight", "lam", "neighbours", "neighbour_cos", "use_preserve"],
-    "uce": ["erase_weight", "preserve_weight", "lam", "neighbours", "neighbour_cos", "use_preserve"],
+    "closed_form": ["erase_weight", "preserve_weight", "retain_weight", "lam", "neighbours", "neighbour_cos",
+                    "use_preserve"],
+    "uce": ["erase_weight", "preserve_weight", "retain_weight", "lam", "neighbours", "neighbour_cos", "use_preserve"],
     "piu": ["steps", "lr", "weight_decay", "micro_batch", "accumulation", "eta", "lambda_p", "layers"],
     "esd_x": ["steps", "lr", "eta", "micro_batch"],
     "bia": ["mode", "t0", "inversion_steps", "decode_steps", "asymmetric", "neighbours", "sigma", "radius_max",
@@ -585,6 +586,7 @@ def test_method_options_through_erase(tiny, args):
 fit_options = st.fixed_dictionaries({}, optional={
     "erase_weight": st.sampled_from([1e-300, 1e-6, 1.0, 50.0, 1e6, 1e300, 1.7e308]),
     "preserve_weight": st.sampled_from([0, 0.0, 1e-300, 1.0, 1e300]),
+    "retain_weight": st.sampled_from([0.0, 1e-300, 1.0, 1e300]),
     "lam": st.sampled_from([1e-300, 1e-12, 0.1, 10.0, 1e300]),
     "neighbours": st.sampled_from([0, 1, 3]),
     "neighbour_cos": st.sampled_from([[0.75, 0.95], [-1.0, -1.0], [0.999, 0.999], [-1, 0.9999999]]),
@@ -951,6 +953,39 @@ def test_corrupt_release_is_named(release, tmp_path_factory, part, how, junk_byt
     if err is None:  # some corruptions are harmless (a tokenizer vocab that still has the prompt's tokens)
         x = out.generate_tensor(_emb(1), steps=1)
         assert torch.isfinite(x).all()
+
+
+# ---------------------------------------------------------------- a model of another family
+@pytest.fixture(scope="module")
+def unconditional(tmp_path_factory):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    folder = tmp_path_factory.mktemp("ddpm") / "ddpm"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    return ff.load(folder)
+
+
+@cfg(20, "other_family")
+@given(entry=st.sampled_from(["erase", "verify", "baseline"]),
+       method=st.sampled_from(["closed_form", "uce", "piu", "esd_x", "bia"]), report=st.booleans())
+def test_unconditional_model_is_refused_by_identity_entry_points(unconditional, tiny, encoder, entry, method, report):
+    """An unconditional model (no identity conditioning) given to erase / verify: a typed error naming `model`
+    (or `report` / `baseline`, or bia's own refusal), before any work."""
+    model, _ = tiny
+    if entry == "erase":
+        fn = lambda: ff.erase(unconditional, _emb(1, 41), method=method, encoder=encoder, preserve=PRESERVE,  # noqa: E731
+                              report=report, progress=False, verify_n=1, **FAST.get(method, {}))
+    elif entry == "verify":
+        fn = lambda: ff.verify(unconditional, _emb(1, 41), encoder=encoder, n=1, steps=1, neighbours=1)  # noqa: E731
+    else:
+        fn = lambda: ff.verify(model, _emb(1, 41), encoder=encoder, n=1, steps=1, neighbours=1,  # noqa: E731
+                               baseline=unconditional)
+    _, err = call(fn, ["model", "report", "baseline", "bia"], "other_family")
+    assert err is not None
 
 
 # ---------------------------------------------------------------- the total

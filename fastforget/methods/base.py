@@ -15,6 +15,7 @@ MAX_SAMPLES = 4096     # neighbourhood sizes (bia's neighbours, k_nearest, absor
 
 _REGISTRY: dict = {}
 _VALIDATORS: dict = {}
+_REQUIRES: dict = {}
 
 
 @dataclass
@@ -36,17 +37,29 @@ class ErasureRequest:
     preserve_key: str | None = None  # cache key of `preserve` (statistics of it are cached on disk)
 
 
-def register_method(name: str, validate=None):
+def register_method(name: str, validate=None, requires=()):
     """Decorator: `fit(model, request, *, seed, progress, **options) -> Patch` registered under `name`.
-    `validate(options) -> None` raises InputError for bad options; erase() calls it before any work."""
+    `validate(options) -> None` raises InputError for bad options; `requires` names the model attributes the
+    method uses (e.g. "condition"); erase() checks both before any work."""
 
     def deco(fn):
         _REGISTRY[name] = fn
         if validate is not None:
             _VALIDATORS[name] = validate
+        _REQUIRES[name] = tuple(requires)
         return fn
 
     return deco
+
+
+def check_model(name: str, model) -> None:
+    """InputError naming `model` when it lacks what method `name` edits (an unconditional model has no
+    identity conditioning for closed_form / uce / piu / esd_x)."""
+    missing = [a for a in _REQUIRES.get(name, ()) if not hasattr(model, a)]
+    if missing:
+        family = getattr(model, "family", None) or type(model).__name__
+        raise InputError(f"model: {name} edits the identity conditioning of an Arc2Face-family model; this "
+                         f"{family} model has no {', '.join(missing)}")
 
 
 def validate_options(name: str, options: dict) -> None:

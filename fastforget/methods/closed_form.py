@@ -159,12 +159,14 @@ UCE_DEFAULTS = {"erase_weight": 20.0, "preserve_weight": 1.0, "lam": 0.7, "neigh
 MAX_NEIGHBOURS = 1000
 
 
-@register_method("closed_form", validate=lambda o: _resolve("closed_form", CLOSED_FORM_DEFAULTS, o))
+@register_method("closed_form", validate=lambda o: _resolve("closed_form", CLOSED_FORM_DEFAULTS, o),
+                 requires=("condition", "attn2_modules"))
 def fit_closed_form(model, request: ErasureRequest, *, seed: int = 0, progress: bool = True, **options) -> Patch:
     return _fit("closed_form", model, request, seed=seed, progress=progress, defaults=CLOSED_FORM_DEFAULTS,
                 options=options)
 
 
-@register_method("uce", validate=lambda o: _resolve("uce", UCE_DEFAULTS, o))
+@register_method("uce", validate=lambda o: _resolve("uce", UCE_DEFAULTS, o),
+                 requires=("condition", "attn2_modules"))
 def fit_uce(model, request: ErasureRequest, *, seed: int = 0, progress: bool = True, **options) -> Patch:
     return _fit("uce", model, request, seed=seed, progress=progress, defaults=UCE_DEFAULTS, options=options)

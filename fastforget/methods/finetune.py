@@ -355,7 +355,8 @@ def _teacher_eps(teacher, x, t, c):
 
 
 # ---------------------------------------------------------------- methods
-@register_method("piu", validate=lambda o: _resolve_options("piu", PIU_DEFAULTS, o))
+@register_method("piu", validate=lambda o: _resolve_options("piu", PIU_DEFAULTS, o),
+                 requires=("condition", "attn2_modules"))
 def fit_piu(model, request: ErasureRequest, *, seed: int = 0, progress: bool = True, **options) -> Patch:
     """PIU: guided erasure toward each target's anchor on the identity-sensitive attn2, with preservation."""
     cfg = _resolve_options("piu", PIU_DEFAULTS, options)
@@ -400,7 +401,8 @@ def fit_piu(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
                   loss_fn=loss_fn, extra_meta=extra)
 
 
-@register_method("esd_x", validate=lambda o: _resolve_options("esd_x", ESD_X_DEFAULTS, o))
+@register_method("esd_x", validate=lambda o: _resolve_options("esd_x", ESD_X_DEFAULTS, o),
+                 requires=("condition", "attn2_modules"))
 def fit_esd_x(model, request: ErasureRequest, *, seed: int = 0, progress: bool = True, **options) -> Patch:
     """ESD-x baseline: negative guidance away from each target toward the null prompt, all attn2, no preservation."""
     cfg = _resolve_options("esd_x", ESD_X_DEFAULTS, options)
