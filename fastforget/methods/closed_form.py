@@ -68,8 +68,9 @@ def _gram(model, emb: torch.Tensor, batch: int = 32, disk: bool = False) -> torc
 
 
 def solve_kv_map(model, request: ErasureRequest, *, erase_weight: float, preserve_weight: float, lam: float,
-                 neighbours: int, neighbour_cos, use_preserve: bool, seed: int):
+                 neighbours: int, neighbour_cos, use_preserve: bool, seed: int, retain_weight: float | None = None):
     """The D x D float64 map T with W_new = W0 T for every attn2 to_k / to_v, and the row counts."""
+    retain_weight = preserve_weight if retain_weight is None else retain_weight
     d = model.text_width
     k = len(request.targets)
     n_per = 1 + neighbours
@@ -91,7 +92,8 @@ def solve_kv_map(model, request: ErasureRequest, *, erase_weight: float, preserv
     gp = keep[0].T @ keep[0]
     n_keep = keep[0].shape[0]
     if request.retain is not None and len(request.retain):
-        gp += _gram(model, request.retain)
+        # the people the caller named are held retain_weight / preserve_weight times harder than anonymous rows
+        gp += (retain_weight / preserve_weight if preserve_weight > 0 else 1.0) * _gram(model, request.retain)
         n_keep += len(request.retain) * model._prompt_ids.shape[1]
     if use_preserve and request.preserve is not None and len(request.preserve):
         gp += _gram(model, request.preserve, disk=True)
@@ -109,6 +111,8 @@ def _resolve(name: str, defaults: dict, options: dict) -> dict:
     cfg = merge_options(name, defaults, options)
     check_number(name, cfg, "erase_weight", 0.0, strict=True)
     check_number(name, cfg, "preserve_weight", 0.0)
+    if cfg["retain_weight"] is not None:  # None: as preserve_weight (every held row alike)
+        check_number(name, cfg, "retain_weight", 0.0)
     check_number(name, cfg, "lam", 0.0, strict=True)  # λI keeps A positive definite
     check_int(name, cfg, "neighbours", 0, MAX_NEIGHBOURS)
     v = cfg["neighbour_cos"]
@@ -132,7 +136,7 @@ def _fit(name, model, request, *, seed, progress, defaults, options):
         tmap, counts = solve_kv_map(model, request, erase_weight=cfg["erase_weight"],
                                     preserve_weight=cfg["preserve_weight"], lam=cfg["lam"],
                                     neighbours=cfg["neighbours"], neighbour_cos=tuple(cfg["neighbour_cos"]),
-                                    use_preserve=cfg["use_preserve"], seed=seed)
+                                    use_preserve=cfg["use_preserve"], seed=seed, retain_weight=cfg["retain_weight"])
     except torch.linalg.LinAlgError:  # lam too small (or weights too large) for float64: A is not positive definite
         from fastforget.errors import FitError
 
@@ -151,9 +155,9 @@ def _fit(name, model, request, *, seed, progress, defaults, options):
 
 # measured on the testbed (3 targets, 8 unnamed identities): erase weight 10 takes ISM_f 0.72 -> 0.10 and AccU
 # 1.0 -> 0.0 with AccR unchanged; weight 1 leaves ISM_f 0.14 / AccU 0.17
-CLOSED_FORM_DEFAULTS = {"erase_weight": 10.0, "preserve_weight": 0.05, "lam": 0.1, "neighbours": 16,
+CLOSED_FORM_DEFAULTS = {"erase_weight": 10.0, "preserve_weight": 0.05, "retain_weight": None, "lam": 0.1, "neighbours": 16,
                         "neighbour_cos": [0.75, 0.95], "use_preserve": True}
-UCE_DEFAULTS = {"erase_weight": 20.0, "preserve_weight": 1.0, "lam": 0.7, "neighbours": 0,
+UCE_DEFAULTS = {"erase_weight": 20.0, "preserve_weight": 1.0, "retain_weight": None, "lam": 0.7, "neighbours": 0,
                 "neighbour_cos": [0.75, 0.95], "use_preserve": False}
 # neighbours per target: each is one more text-encoder pass (and a float64 512-d row); 10**9 would never finish
 MAX_NEIGHBOURS = 1000
