@@ -205,3 +205,40 @@ def test_gallery_from_a_folder_of_photos(encoder, tmp_path):
     assert torch.allclose(ff.gallery.load(tmp_path / "g.npy"), g, atol=1e-6)
     with pytest.raises(InputError, match="nowhere"):
         ff.gallery.from_folder(tmp_path / "nowhere", encoder)
+
+
+def test_corrupt_or_nonfinite_folders_are_refused_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from fastforget.testbed import weights_dir
+
+    src = weights_dir() / "generator"
+    bad = tmp_path / "unshuffle"
+    shutil.copytree(src, bad)
+    meta = json.loads((bad / "fastforget.json").read_text())
+    (bad / "fastforget.json").write_text(json.dumps({**meta, "unshuffle": 3}))
+    with pytest.raises(ModelLoadError, match="unshuffle"):
+        ff.load(bad)
+    nan = tmp_path / "nan"
+    shutil.copytree(src, nan)
+    f = nan / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(f))
+    k = sorted(state)[0]
+    state[k] = torch.full_like(state[k], float("nan"))
+    save_file(state, str(f))
+    with pytest.raises(ModelLoadError, match="NaN"):
+        ff.load(nan)
+    assert ff.load(nan, allow_nonfinite=True).unet is not None
+    trunc = tmp_path / "trunc"
+    shutil.copytree(src, trunc)
+    t = trunc / "text_encoder" / "model.safetensors"
+    t.write_bytes(t.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        ff.load(trunc)
+
+
+def test_verify_refuses_nonfinite_guidance_before_work(demo_model, monkeypatch):
+    monkeypatch.setattr(type(demo_model), "generate_tensor", lambda *a, **k: pytest.fail("generated"))
+    for kw in ({"guidance": float("nan")}, {"n": 0}, {"neighbours": 0}, {"salt": 123}):
+        with pytest.raises(InputError, match=next(iter(kw))):
+            ff.verify(demo_model, [0], **kw)

@@ -46,15 +46,7 @@ def available_families() -> list[str]:
 def read_manifest(root: Path) -> dict | None:
     """fastforget.json of a folder, or None; a corrupt one raises ModelLoadError naming it."""
     f = root / MANIFEST
-    if not f.is_file():
-        return None
-    try:
-        meta = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{f}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise ModelLoadError(f"{f}: expected a JSON object, got {type(meta).__name__}")
-    return meta
+    return read_json_config(f) if f.is_file() else None
 
 
 def read_json_config(f: Path) -> dict:
