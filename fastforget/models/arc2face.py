@@ -38,8 +38,8 @@ class Codec:
         return F.pixel_unshuffle(x, self.unshuffle) if self.unshuffle > 1 else x
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        if self.vae is not None:
-            return self.vae.decode(z / self.vae.config.scaling_factor).sample
+        if self.vae is not None:  # one latent at a time: a 512-px SD decode holds ~1 GB of activations each
+            return torch.cat([self.vae.decode(zi[None] / self.vae.config.scaling_factor).sample for zi in z])
         return F.pixel_shuffle(z, self.unshuffle) if self.unshuffle > 1 else z
 
 
