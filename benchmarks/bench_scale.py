@@ -161,23 +161,13 @@ def build(workdir: Path) -> dict:
 
 
 def _export_arcface(path: Path) -> None:
-    """A tiny random network with the insightface recognition contract (as tests/test_arcface_onnx.py)."""
-    import torch
+    """A tiny random network with the insightface recognition contract (tests/test_arcface_onnx.py's)."""
+    import sys
 
-    class TinyArcFace(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 8, 4, 4)
-            self.fc = torch.nn.Linear(8 * 28 * 28, 512)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_arcface_onnx import export_tiny_arcface
 
-        def forward(self, x):
-            return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
-
-    torch.manual_seed(0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(TinyArcFace().eval(), torch.zeros(1, 3, 112, 112), str(path), input_names=["data"],
-                      output_names=["fc1"], dynamic_axes={"data": {0: "n"}, "fc1": {0: "n"}}, opset_version=17,
-                      dynamo=False)
+    export_tiny_arcface(path)
 
 
 # ------------------------------------------------------------------ child side: RSS meter

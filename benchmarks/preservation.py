@@ -81,7 +81,7 @@ def testbed_copy(args, rows):
 
 def random_arc2face(args, rows):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_arcface_onnx import _TinyArcFace
+    from test_arcface_onnx import export_tiny_arcface
     from test_models import _tiny_parts
 
     from fastforget.testbed.nets import write_tokenizer
@@ -93,10 +93,7 @@ def random_arc2face(args, rows):
     write_tokenizer(tmp / "sd15" / "tokenizer", max_length=77)
     vae.save_pretrained(tmp / "sd15" / "vae")
     sched.save_pretrained(tmp / "sd15" / "scheduler")
-    torch.manual_seed(0)
-    torch.onnx.export(_TinyArcFace().eval(), torch.zeros(1, 3, 112, 112), str(tmp / "arcface.onnx"),
-                      input_names=["data"], output_names=["fc1"], dynamic_axes={"data": {0: "n"}, "fc1": {0: "n"}},
-                      opset_version=17, dynamo=False)
+    export_tiny_arcface(tmp / "arcface.onnx")
     enc = ff.load_encoder(tmp / "arcface.onnx")
     model = ff.load(tmp / "models", base=tmp / "sd15")
     T, R, U = random_unit_vectors(3, seed=11), random_unit_vectors(8, seed=12), random_unit_vectors(20, seed=13)

@@ -24,15 +24,20 @@ class _TinyArcFace(torch.nn.Module):
         return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
 
 
-@pytest.fixture(scope="module")
-def onnx_encoder(tmp_path_factory):
+def export_tiny_arcface(path) -> torch.nn.Module:
+    """Write a seeded random _TinyArcFace as an insightface-format ONNX (also used by benchmarks/)."""
     torch.manual_seed(0)
     net = _TinyArcFace().eval()
-    folder = tmp_path_factory.mktemp("antelope")
-    path = folder / "arcface.onnx"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(net, torch.zeros(1, 3, 112, 112), str(path), input_names=["data"], output_names=["fc1"],
                       dynamic_axes={"data": {0: "n"}, "fc1": {0: "n"}}, opset_version=17, dynamo=False)
-    return net, folder
+    return net
+
+
+@pytest.fixture(scope="module")
+def onnx_encoder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("antelope")
+    return export_tiny_arcface(folder / "arcface.onnx"), folder
 
 
 def test_aligned_crops_match_the_network(onnx_encoder):
