@@ -88,7 +88,7 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
     from fastforget.identity.anchors import check_request, select_anchors
     from fastforget.identity.encoder import resolve_encoder
     from fastforget.methods import ErasureRequest
-    from fastforget.methods.base import validate_options
+    from fastforget.methods.base import get_method, validate_options
     from fastforget.models import load
     from fastforget.models.common import check_float, check_int, check_seed
     from fastforget.patch import DEFAULT_SALT
@@ -106,8 +106,6 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
 
         check_int(verify_n, "verify_n", 1, MAX_PER_IDENTITY)
     anchor_tau = check_float(anchor_tau, "anchor_tau")
-    from fastforget.methods.base import get_method
-
     fit = get_method(method)
     model = load(model)
     from fastforget.methods.base import check_model
