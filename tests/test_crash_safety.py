@@ -42,22 +42,10 @@ patches = [Patch.from_edit(demo, {k: v * (1.01 + 0.01 * i) for k, v in chosen.it
                            {"method": f"crash-test-{i}"}) for i in range(2)]
 models = [demo, patches[0].apply(demo.clone())]
 
-from diffusers import UNet2DConditionModel
-from transformers import CLIPTokenizer
-from fastforget.models import Arc2FaceModel
-from fastforget.testbed.nets import write_tokenizer
-from test_models import WIDTH, _tiny_parts
 import tempfile
+from test_models import tiny_shuffle_model
 
-_, text, _, sched = _tiny_parts()
-torch.manual_seed(1)
-unet = UNet2DConditionModel(
-    sample_size=8, in_channels=12, out_channels=12, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=WIDTH, attention_head_dim=8, norm_num_groups=8)
-tok_dir = tempfile.mkdtemp()
-write_tokenizer(os.path.join(tok_dir, "tok"), max_length=77)
-tiny = Arc2FaceModel(unet, text, CLIPTokenizer.from_pretrained(os.path.join(tok_dir, "tok")), sched, None, unshuffle=2)
+tiny = tiny_shuffle_model()
 tiny2 = tiny.clone()
 with torch.no_grad():
     tiny2.unet.conv_out.weight.mul_(1.5)

@@ -26,7 +26,7 @@ from fastforget.export.trt import check_tensorrt_ops, refit_weights, tensorrt_av
 from fastforget.methods import ErasureRequest, get_method
 from fastforget.patch import Patch, fingerprint_embeddings
 
-from test_models import WIDTH, _emb, _tiny_parts, release  # noqa: F401  (fixture)
+from test_models import WIDTH, _emb, _tiny_parts, release, tiny_shuffle_model  # noqa: F401  (fixture)
 
 EXPORT_DIR = Path(ff.export.__file__).resolve().parent
 ATOL_STATES = 1e-4   # conditioner states (O(1) after the final layer norm)
@@ -70,24 +70,7 @@ def pipe(onnx_erased):
 @pytest.fixture(scope="module")
 def shuffle_model():
     """A pixel-space (space-to-depth) model without a VAE, like the testbed."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTokenizer
-
-    from fastforget.models import Arc2FaceModel
-    from fastforget.testbed.nets import write_tokenizer
-
-    _, text, _, sched = _tiny_parts()
-    torch.manual_seed(1)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=12, out_channels=12, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=WIDTH, attention_head_dim=8, norm_num_groups=8)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        write_tokenizer(Path(d) / "tok", max_length=77)
-        tok = CLIPTokenizer.from_pretrained(Path(d) / "tok")
-    return Arc2FaceModel(unet, text, tok, sched, None, unshuffle=2)
+    return tiny_shuffle_model()
 
 
 def _sess(path):

@@ -34,6 +34,27 @@ def _tiny_parts():
     return unet, text, vae, DPMSolverMultistepScheduler(num_train_timesteps=1000)
 
 
+def tiny_shuffle_model():
+    """A pixel-space (space-to-depth, unshuffle 2) Arc2Face-family model without a VAE, like the testbed."""
+    import tempfile
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from fastforget.models import Arc2FaceModel
+
+    _, text, _, sched = _tiny_parts()
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=12, out_channels=12, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=WIDTH, attention_head_dim=8, norm_num_groups=8)
+    with tempfile.TemporaryDirectory() as d:
+        write_tokenizer(Path(d) / "tok", max_length=77)
+        tok = CLIPTokenizer.from_pretrained(Path(d) / "tok")
+    return Arc2FaceModel(unet, text, tok, sched, None, unshuffle=2)
+
+
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     """Arc2Face release layout (arc2face/ + encoder/ with a transformers-4 pytorch_model.bin) + SD-1.5-like base."""
