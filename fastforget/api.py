@@ -145,8 +145,7 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
         anchors = check_embeddings(anchor, name="anchor")
     check_request(tgt, anchors, ret)
     request = ErasureRequest(tgt, anchors, ret, pres.embeddings if pres is not None else None, salt=salt,
-                             extra={"target_sets": target_sets}, encoder=encoder,
-                             preserve_key=pres.key if pres is not None else None)
+                             extra={"target_sets": target_sets}, encoder=encoder)
     t0 = time.perf_counter()
     patch = fit(model, request, seed=seed, progress=progress, **options)
     fit_s = time.perf_counter() - t0

@@ -69,11 +69,6 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.detach().float().permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
 
 
-def from_uint8(a: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float().sub(127.5).div(127.5)
-
-
 # ---------------------------------------------------------------- identity sets
 def is_id_list(x) -> bool:
     """Testbed identity ids: an int, a non-empty list/tuple/range of ints, or a 1-D integer array."""

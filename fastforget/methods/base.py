@@ -34,7 +34,6 @@ class ErasureRequest:
     salt: str = "fastforget"
     extra: dict = field(default_factory=dict)
     encoder: object = None          # the caller's IdentityEncoder (methods that score images use it)
-    preserve_key: str | None = None  # cache key of `preserve` (statistics of it are cached on disk)
 
 
 def register_method(name: str, validate=None, requires=()):

@@ -357,9 +357,6 @@ def load_scheduler(folder: Path, default: str = "DPMSolverMultistepScheduler"):
     return sched
 
 
-_load_scheduler = load_scheduler  # older name
-
-
 def _check_geometry(unet, unshuffle, vae, where: Path) -> int:
     """The sample space must match: pixel models carry 3·unshuffle² channels, latent models the VAE's."""
     if isinstance(unshuffle, bool) or not isinstance(unshuffle, int) or unshuffle < 1:
