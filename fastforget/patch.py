@@ -30,6 +30,10 @@ def fingerprint_embeddings(emb: torch.Tensor, salt: str = DEFAULT_SALT) -> list[
 
 
 def _components(model) -> dict:
+    """Top-level modules a patch name starts with: `model.components()` where a family defines it
+    (a GAN's "generator"), else the diffusion parts."""
+    if callable(getattr(model, "components", None)):
+        return dict(model.components())
     comps = {"unet": model.unet, "text_encoder": model.text_encoder}
     if getattr(model, "vae", None) is not None:
         comps["vae"] = model.vae
