@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from fastforget.identity.embeddings import check_embeddings
 from fastforget.models.arc2face import Arc2FaceModel, load_arc2face
+from fastforget.models.ip_adapter import InstantIDModel, PortraitModel, load_portrait
 from fastforget.models.registry import available_families, load, register_adapter, register_builtin
 from fastforget.models.unconditional import UnconditionalDiffusion, load_unconditional
 
 __all__ = ["load", "register_adapter", "register_builtin", "available_families", "Arc2FaceModel",
            "UnconditionalDiffusion", "check_embeddings", "load_arc2face", "load_unconditional"]
+__all__ += ["PortraitModel", "InstantIDModel", "load_portrait"]
