@@ -405,6 +405,10 @@ def test_instantid_resampler_loads_generates_edits_and_round_trips(instantid, tm
     assert torch.equal(_unet_eps(m.unet, [x], width=64, extra=extra), _unet_eps(ref.unet, [x], width=64, extra=extra))
     a = m.generate(e, seed=0, steps=SD_STEPS, guidance=5.0, output_type="np")
     assert a.shape == (2, 16, 16, 3) and np.isfinite(a).all()
+    img = ref(prompt=DEFAULT_PROMPT, negative_prompt=DEFAULT_NEGATIVE_PROMPT, num_inference_steps=SD_STEPS,
+              ip_adapter_image_embeds=[torch.cat([torch.zeros_like(x[:1]), x[:1]])], latents=m.initial_noise(1, 0),
+              guidance_scale=5.0, output_type="np").images
+    assert np.allclose(a[:1], img, atol=1e-5)  # diffusers' SDXL pipeline, same image
     assert a.tobytes() == m.generate(e, seed=0, steps=SD_STEPS, guidance=5.0, output_type="np").tobytes()
     # unedited, the saved file is the input file's tensors under the input's keys
     same = _keys(m.save_ip_adapter(tmp_path / "same.bin"))
