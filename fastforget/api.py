@@ -111,6 +111,9 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
     from fastforget.methods.base import check_model
 
     check_model(method, model)  # e.g. closed_form on an unconditional model: refused here, not mid-fit
+    if hasattr(model, "synthesis") and hasattr(model, "invert"):  # a latent generator (StyleGAN2): GUIDE's path
+        return _erase_latent_generator(model, targets, method, fit, retain, encoder, seed, progress, salt, report,
+                                       verify_n, options)
     if report and not hasattr(model, "condition"):
         raise InputError(f"report: the report generates identities, which this {getattr(model, 'family', '')} "
                          "model cannot (it has no identity conditioning); pass report=False")
@@ -166,3 +169,53 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
         rep.details["preservation"] = None if pres is None else {"kind": pres.kind, "size": len(pres.embeddings)}
     log.info("erased %d identities with %s in %.2fs (patch %s)", len(tgt), method, fit_s, patch.fingerprint())
     return ErasureResult(erased, patch, rep, anchors)
+
+
+def _erase_latent_generator(model, targets, method, fit, retain, encoder, seed, progress, salt, report, verify_n,
+                            options) -> ErasureResult:
+    """erase() on a StyleGAN2: targets are photos (each inverted into W+ by the method) or W+ latents
+    (N, n_latent, style_dim); the encoder scores identity (inversion, the ID loss, the report)."""
+    from fastforget.errors import FitError
+    from fastforget.identity.encoder import as_image_batch, resolve_encoder
+    from fastforget.methods import ErasureRequest
+
+    encoder = resolve_encoder(encoder, model, "erase")
+    if isinstance(targets, torch.Tensor) and targets.ndim == 3:
+        w = targets.detach().float()
+        if tuple(w.shape[1:]) != (model.n_latent, model.style_dim) or not len(w) or not torch.isfinite(w).all():
+            raise InputError(f"targets: W+ latents must be finite (N, {model.n_latent}, {model.style_dim}), got "
+                             f"{tuple(w.shape)}")
+        with torch.no_grad():
+            emb = encoder.encode_tensor(model.synthesis(w)).float()
+        extra = {"target_latents": w}
+    else:
+        photos = as_image_batch(targets, "targets")
+        emb = encoder.encode(photos, name="targets").float()
+        extra = {"target_images": photos}
+    ret = as_image_batch(retain, "retain") if retain is not None else None
+    emb = F.normalize(emb, dim=1)
+    request = ErasureRequest(emb, emb, None, None, salt=salt, extra=extra, encoder=encoder)
+    t0 = time.perf_counter()
+    patch = fit(model, request, seed=seed, progress=progress, **options)
+    fit_s = time.perf_counter() - t0
+    bad = [k for k, v in patch.new.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FitError(f"{method}: produced non-finite weights in {bad[0]!r} ({len(bad)} tensor(s)); nothing was "
+                       "applied. Lower the learning rate and retry")
+    erased = model.clone(only=patch.names)
+    patch.apply(erased)
+    rep = None
+    if report:
+        from fastforget.verify_gan import verify_gan
+
+        photos = extra.get("target_images")
+        if photos is None:
+            with torch.no_grad():
+                from fastforget.identity.embeddings import to_uint8
+
+                photos = list(to_uint8(model.synthesis(extra["target_latents"])))
+        rep = verify_gan(erased, photos, baseline=model, encoder=encoder, retain=ret, n=max(16, verify_n * 16),
+                         fd_n=max(64, verify_n * 64), seed=seed, latents=request.extra.get("w_u"))
+        rep.details.update(method=method, fit_seconds=fit_s, patch_fingerprint=patch.fingerprint())
+    log.info("erased %d photo(s) with %s in %.2fs (patch %s)", len(emb), method, fit_s, patch.fingerprint())
+    return ErasureResult(erased, patch, rep, None)

@@ -77,7 +77,7 @@ def image_grid(rows: list[np.ndarray], scale: int = 3) -> np.ndarray:
 @torch.no_grad()
 def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0, *, baseline=None,
            steps: int = 25, guidance: float = 3.0, neighbours: int = 8, strangers=None,
-           target_ids=None, anchors=None, salt: str = "fastforget") -> Report:
+           target_ids=None, anchors=None, salt: str = "fastforget", others=None) -> Report:
     """Measure how well `targets` are forgotten and `retain` kept (the papers' metrics).
 
     ISM_f / ISM_r: cosine of generations to the identity's centroid; AccU / AccR: nearest-centroid
@@ -90,7 +90,12 @@ def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0
     candidate classes, as in PIU's protocol where the anchor is one of the retained identities:
     a generation that became the anchor counts as the anchor, not as the target. They also give
     `anchor_ism`: generations of the anchors scored against their targets, the level an
-    anchor-replacement method's neighbour ISM can go down to (PIU's anchors sit at cos 0.2)."""
+    anchor-replacement method's neighbour ISM can go down to (PIU's anchors sit at cos 0.2).
+
+    A StyleGAN2 (a model with a synthesis network) is measured as GUIDE measures it
+    (fastforget.verify_gan): targets and `others` are photos of the forgotten person(s), `retain`
+    photos of other people, `baseline` the unedited generator (required), 20·n random latents and
+    80·n samples for FD_pre."""
     from fastforget.identity.encoder import resolve_encoder
     from fastforget.metrics import identity_scores
     from fastforget.models import load
@@ -104,6 +109,11 @@ def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0
     check_salt(salt)
     model = load(model)
     baseline = load(baseline) if baseline is not None else None
+    if hasattr(model, "synthesis"):  # a latent generator (StyleGAN2): GUIDE's protocol, see verify_gan
+        from fastforget.verify_gan import verify_gan
+
+        return verify_gan(model, targets, baseline=baseline, encoder=resolve_encoder(encoder, model, "verify"),
+                          others=others, retain=retain, n=20 * n, fd_n=80 * n, seed=seed)
     for what, m in (("model", model), ("baseline", baseline)):
         if m is not None and not hasattr(m, "condition"):
             raise InputError(f"{what}: verify generates identities, which this {getattr(m, 'family', '')} model "

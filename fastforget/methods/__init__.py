@@ -8,3 +8,4 @@ from fastforget.methods import bia  # noqa: E402,F401
 from fastforget.methods import finetune  # noqa: E402,F401  (piu, esd_x)
 
 __all__ = ["ErasureRequest", "register_method", "get_method", "available_methods"]
+from fastforget.methods import guide  # noqa: E402,F401  (guide, guide_average)

@@ -57,8 +57,9 @@ def check_model(name: str, model) -> None:
     missing = [a for a in _REQUIRES.get(name, ()) if not hasattr(model, a)]
     if missing:
         family = getattr(model, "family", None) or type(model).__name__
-        raise InputError(f"model: {name} edits the identity conditioning of an Arc2Face-family model; this "
-                         f"{family} model has no {', '.join(missing)}")
+        what = "the synthesis network of a latent generator (StyleGAN2)" if "synthesis" in missing else \
+            "the identity conditioning of an Arc2Face-family model"
+        raise InputError(f"model: {name} edits {what}; this {family} model has no {', '.join(missing)}")
 
 
 def validate_options(name: str, options: dict) -> None:

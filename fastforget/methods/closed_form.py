@@ -68,7 +68,8 @@ def _gram(model, emb: torch.Tensor, batch: int = 32, disk: bool = False) -> torc
 
 
 def solve_kv_map(model, request: ErasureRequest, *, erase_weight: float, preserve_weight: float, lam: float,
-                 neighbours: int, neighbour_cos, use_preserve: bool, seed: int, retain_weight: float | None = None):
+                 neighbours: int, neighbour_cos, use_preserve: bool, seed: int, retain_weight: float | None = None,
+                 neighbour_map: str = "anchor"):
     """The D x D float64 map T with W_new = W0 T for every attn2 to_k / to_v, and the row counts."""
     retain_weight = preserve_weight if retain_weight is None else retain_weight
     d = model.text_width
@@ -77,17 +78,28 @@ def solve_kv_map(model, request: ErasureRequest, *, erase_weight: float, preserv
     # rows of target i: the target and its neighbours, all mapped to anchor i. Streamed in small batches
     # (text-encoder activations stay small) into Σ c_t c_tᵀ and per-target sums of c_t, so that
     # Σ c_a c_tᵀ = Σ_i A_iᵀ (Σ_rows of i S): each anchor's states are computed once, not once per row
-    src = torch.cat([request.targets, neighbours_of(request.targets, neighbours, neighbour_cos, seed)])
+    near = neighbours_of(request.targets, neighbours, neighbour_cos, seed)
+    src = torch.cat([request.targets, near])
     owner = torch.cat([torch.arange(k), torch.arange(k).repeat_interleave(neighbours)])
     anchor_states = _states(model, request.anchors)                      # (K, L, d)
     gtt = torch.zeros(d, d, dtype=torch.float64)
     sums = torch.zeros_like(anchor_states)                                 # (K, L, d)
+    gat = torch.zeros(d, d, dtype=torch.float64)
+    if neighbour_map == "transport":
+        # a neighbour t + δ goes to a + δ: only the target's own direction is moved, so the edit spends one
+        # direction per target instead of one per neighbour
+        dst = torch.cat([request.anchors, F.normalize(request.anchors[owner[k:]] + near - request.targets[owner[k:]],
+                                                      dim=1)])
     for i in range(0, len(src), STATE_BATCH):
         s = _states(model, src[i:i + STATE_BATCH])
         flat = s.reshape(-1, d)
         gtt += flat.T @ flat
-        sums.index_add_(0, owner[i:i + STATE_BATCH], s)
-    gat = torch.einsum("kla,klb->ab", anchor_states, sums)
+        if neighbour_map == "transport":
+            gat += _states(model, dst[i:i + STATE_BATCH]).reshape(-1, d).T @ flat
+        else:
+            sums.index_add_(0, owner[i:i + STATE_BATCH], s)
+    if neighbour_map != "transport":
+        gat = torch.einsum("kla,klb->ab", anchor_states, sums)
     keep = [model.null_condition(1).double().cpu().reshape(-1, d)]
     gp = keep[0].T @ keep[0]
     n_keep = keep[0].shape[0]
@@ -125,6 +137,8 @@ def _resolve(name: str, defaults: dict, options: dict) -> dict:
         raise InputError(f"{name}: option 'neighbour_cos' must be a (low, high) pair of cosines with "
                          f"-1 <= low <= high < 1, got {v!r}")
     cfg["neighbour_cos"] = [lo, hi]
+    if cfg["neighbour_map"] not in ("anchor", "transport"):
+        raise InputError(f"{name}: option 'neighbour_map' must be 'anchor' or 'transport', got {cfg['neighbour_map']!r}")
     if not isinstance(cfg["use_preserve"], bool):
         raise InputError(f"{name}: option 'use_preserve' must be True or False, got {cfg['use_preserve']!r}")
     return cfg
@@ -136,7 +150,8 @@ def _fit(name, model, request, *, seed, progress, defaults, options):
         tmap, counts = solve_kv_map(model, request, erase_weight=cfg["erase_weight"],
                                     preserve_weight=cfg["preserve_weight"], lam=cfg["lam"],
                                     neighbours=cfg["neighbours"], neighbour_cos=tuple(cfg["neighbour_cos"]),
-                                    use_preserve=cfg["use_preserve"], seed=seed, retain_weight=cfg["retain_weight"])
+                                    use_preserve=cfg["use_preserve"], seed=seed, retain_weight=cfg["retain_weight"],
+                                    neighbour_map=cfg["neighbour_map"])
     except torch.linalg.LinAlgError:  # lam too small (or weights too large) for float64: A is not positive definite
         from fastforget.errors import FitError
 
@@ -156,9 +171,9 @@ def _fit(name, model, request, *, seed, progress, defaults, options):
 # measured on the testbed (3 targets, 8 unnamed identities): erase weight 10 takes ISM_f 0.72 -> 0.10 and AccU
 # 1.0 -> 0.0 with AccR unchanged; weight 1 leaves ISM_f 0.14 / AccU 0.17
 CLOSED_FORM_DEFAULTS = {"erase_weight": 10.0, "preserve_weight": 0.05, "retain_weight": None, "lam": 0.1, "neighbours": 16,
-                        "neighbour_cos": [0.75, 0.95], "use_preserve": True}
+                        "neighbour_cos": [0.75, 0.95], "use_preserve": True, "neighbour_map": "anchor"}
 UCE_DEFAULTS = {"erase_weight": 20.0, "preserve_weight": 1.0, "retain_weight": None, "lam": 0.7, "neighbours": 0,
-                "neighbour_cos": [0.75, 0.95], "use_preserve": False}
+                "neighbour_cos": [0.75, 0.95], "use_preserve": False, "neighbour_map": "anchor"}
 # neighbours per target: each is one more text-encoder pass (and a float64 512-d row); 10**9 would never finish
 MAX_NEIGHBOURS = 1000
 

@@ -1,0 +1,216 @@
+"""GUIDE (Seo et al., CVPR 2024): forget a person in a StyleGAN2 from one photo.
+
+The photo is inverted into W+ with the unedited generator (w_u). Its "UFO" target is the point on the
+other side of the average latent, w_t = w_avg − d·(w_u − w_avg)/‖w_u − w_avg‖ (norm over the whole W+
+tensor); the synthesis weights are then fine-tuned ("latent target unlearning") so that G(w_u) draws
+what the unedited G₀ draws at w_t, with three losses (KHU-AGI/GUIDE `unlearn.py`):
+
+    local        1e-2·MSE + 1.0·perceptual + 0.1·ID       between G(w_u)     and G₀(w_t)
+    adjacency    the same three terms, batch 2,            between G(w_u + Δ) and G₀(w_t + Δ),
+                 Δ = α(w_r − w_u)/‖w_r − w_u‖, w_r a random latent, α ~ U(0, α_max)
+    global       1.0·perceptual, batch 2 random latents,   between G(w)       and G₀(w)
+
+Adam, lr 1e-4, 1000 iterations; only synthesis weights change (the mapping network is untouched).
+`guide_average` is GUIDE's baseline: w_t = w_avg.
+
+What is ours, not the paper's:
+* distances are in units of this model's latent spread: `spread(model)` = median ‖w − w_avg‖ of
+  mapped random z (`model.w_spread`) × √n_latent, i.e. how far a typical person's W+ lies from the
+  average over the whole tensor, because GUIDE's d = 30 and α_max = 15 are EG3D-FFHQ numbers.
+  Default d = 1.0 spread (w_t is the mirror image of a typical person through the average),
+  α_max = 0.5 spread (GUIDE's α_max / d).
+* the perceptual term: no VGG / LPIPS weights can be downloaded here, so it is the L1 distance of
+  Laplacian pyramids (5 levels, Bojanowski et al. 2018's "Lap1" loss), which needs no weights;
+* the ID term uses the caller's encoder when it is differentiable (the testbed's); an ONNX Runtime
+  encoder has no gradients, so the term is left out and the patch metadata says so.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from fastforget import __version__
+from fastforget.errors import InputError
+from fastforget.methods.base import ErasureRequest, check_int, check_number, merge_options, register_method
+from fastforget.patch import Patch, fingerprint_embeddings
+
+log = logging.getLogger("fastforget")
+
+GUIDE_DEFAULTS = {
+    "steps": 1000, "lr": 1e-4,
+    "distance": 1.0,            # d, in units of model.w_spread (GUIDE: 30 on EG3D)
+    "alpha_max": 0.5,           # adjacency radius α_max, in units of model.w_spread (GUIDE: 15 on EG3D)
+    "adjacency_batch": 2, "global_batch": 2,
+    "mse_weight": 1e-2, "perceptual_weight": 1.0, "id_weight": 0.1,
+    "adjacency_weight": 1.0, "global_weight": 1.0,
+    "target": "extra",          # "extra" (UFO, GUIDE) | "average" (GUIDE's baseline: w_t = w_avg)
+    "invert_steps": None,       # inversion steps (None: the adapter's default)
+}
+MAX_STEPS = 100_000
+
+
+def resolve_options(options: dict, name: str = "guide", defaults: dict | None = None) -> dict:
+    cfg = merge_options(name, defaults or GUIDE_DEFAULTS, options)
+    check_int(name, cfg, "steps", 1, MAX_STEPS)
+    check_number(name, cfg, "lr", 0.0, strict=True, hi=1.0)
+    for k in ("distance", "alpha_max", "mse_weight", "perceptual_weight", "id_weight", "adjacency_weight",
+              "global_weight"):
+        check_number(name, cfg, k, 0.0)
+    check_int(name, cfg, "adjacency_batch", 0, 1024)
+    check_int(name, cfg, "global_batch", 0, 1024)
+    if cfg["target"] not in ("extra", "average"):
+        raise InputError(f"{name}: option 'target' must be 'extra' or 'average', got {cfg['target']!r}")
+    if cfg["invert_steps"] is not None:
+        check_int(name, cfg, "invert_steps", 1, MAX_STEPS)
+    return cfg
+
+
+# ---------------------------------------------------------------- losses
+def _gauss_down(x: torch.Tensor) -> torch.Tensor:
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype, device=x.device)
+    k = (k[:, None] * k[None, :]) / 256.0
+    c = x.shape[1]
+    x = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    return F.conv2d(x, k.expand(c, 1, 5, 5), groups=c)[:, :, ::2, ::2]
+
+
+def laplacian_l1(a: torch.Tensor, b: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """Per-image L1 distance of Laplacian pyramids, level j weighted 2^(2j) / numel (Bojanowski et
+    al., "Optimizing the Latent Space of Generative Networks", 2018): a weight-free perceptual loss.
+    Images (N, 3, H, W) in [-1, 1]; returns (N,)."""
+    out = a.new_zeros(a.shape[0])
+    for j in range(levels):
+        if min(a.shape[-2:]) < 5:
+            out = out + 4 ** j * (a - b).abs().flatten(1).mean(1)
+            return out
+        da, db = _gauss_down(a), _gauss_down(b)
+        up = lambda t, ref: F.interpolate(t, size=ref.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
+        out = out + 4 ** j * ((a - up(da, a)) - (b - up(db, b))).abs().flatten(1).mean(1)
+        a, b = da, db
+    return out + 4 ** levels * (a - b).abs().flatten(1).mean(1)
+
+
+def _terms(x, y, enc, cfg, use_id: bool) -> torch.Tensor:
+    """GUIDE's three-term image loss, mean over the batch."""
+    loss = cfg["mse_weight"] * F.mse_loss(x, y) + cfg["perceptual_weight"] * laplacian_l1(x, y).mean()
+    if use_id and cfg["id_weight"] > 0:
+        ex, ey = enc.encode_tensor(x), enc.encode_tensor(y)
+        loss = loss + cfg["id_weight"] * (1 - (F.normalize(ex, dim=-1) * F.normalize(ey, dim=-1)).sum(-1)).mean()
+    return loss
+
+
+# ---------------------------------------------------------------- the fit
+def spread(model) -> float:
+    """How far a typical W+ lies from the average W+ (norm over the whole tensor)."""
+    return float(model.w_spread) * float(model.n_latent) ** 0.5
+
+
+def ufo_targets(model, w_u: torch.Tensor, distance: float, kind: str = "extra") -> torch.Tensor:
+    """GUIDE's target latents: w_avg − d·(w_u − w_avg)/‖w_u − w_avg‖ (d in units of model.w_spread),
+    or w_avg itself for the "average" baseline. w_u: W+ (N, n_latent, style_dim)."""
+    avg = model.w_avg.to(w_u).expand_as(w_u)
+    if kind == "average":
+        return avg.clone()
+    diff = w_u - avg
+    norm = diff.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None]
+    return avg - distance * spread(model) * diff / norm
+
+
+def synthesis_parameter_names(model) -> list[str]:
+    return [f"generator.{n}" for n, _ in model.generator.named_parameters() if not n.startswith("style.")]
+
+
+def target_latents(model, request: ErasureRequest, *, seed: int, progress: bool, invert_steps=None) -> torch.Tensor:
+    """W+ of every target photo, inverted with the unedited generator (or given as latents)."""
+    w = request.extra.get("target_latents")
+    if w is not None:
+        return w.detach().float()
+    imgs = request.extra.get("target_images")
+    if imgs is None:
+        raise InputError("guide: targets must be photos (or W+ latents) of the people to forget")
+    kw = {} if invert_steps is None else {"steps": invert_steps}
+    enc = request.encoder if getattr(request.encoder, "differentiable", False) else None  # else pixels alone
+    return model.invert(imgs, encoder=enc, seed=seed, progress=progress, **kw).detach().float()
+
+
+def fit_guide_like(name: str, model, request: ErasureRequest, *, seed: int, progress: bool, cfg: dict) -> Patch:
+    from tqdm import tqdm
+
+    enc = request.encoder
+    use_id = enc is not None and bool(getattr(enc, "differentiable", False))
+    if enc is not None and not use_id and cfg["id_weight"] > 0:
+        log.warning("%s: the encoder is not differentiable (ONNX Runtime): the ID term is left out", name)
+    w_u = target_latents(model, request, seed=seed, progress=progress, invert_steps=cfg["invert_steps"])
+    request.extra["w_u"] = w_u  # the report scores the same latents
+    w_t = ufo_targets(model, w_u, cfg["distance"], cfg["target"])
+    alpha_max = cfg["alpha_max"] * spread(model)
+
+    g0 = model.generator
+    student = copy.deepcopy(model)
+    for n, p in student.generator.named_parameters():
+        p.requires_grad_(not n.startswith("style."))
+    for p in g0.parameters():
+        p.requires_grad_(False)
+    params = [p for p in student.generator.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg["lr"])
+    gen = torch.Generator().manual_seed(seed)
+    k = len(w_u)
+    with torch.no_grad():
+        y_local = model.synthesis(w_t)
+
+    def random_w(n):
+        z = torch.randn(n, model.style_dim, generator=gen)
+        with torch.no_grad():
+            return model.mapping(z)[:, None, :].expand(n, model.n_latent, model.style_dim).contiguous()
+
+    bar = tqdm(range(cfg["steps"]), desc=f"{name}: unlearning", disable=not progress, leave=False)
+    last = float("nan")
+    for _ in bar:
+        opt.zero_grad(set_to_none=True)
+        loss = _terms(student.synthesis(w_u), y_local, enc, cfg, use_id)
+        if cfg["adjacency_batch"] and cfg["adjacency_weight"] > 0:
+            nb = cfg["adjacency_batch"]
+            idx = torch.randint(0, k, (nb,), generator=gen)
+            w_r = random_w(nb)
+            d = w_r - w_u[idx]
+            alpha = torch.rand(nb, generator=gen) * alpha_max
+            delta = alpha[:, None, None] * d / d.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None]
+            with torch.no_grad():
+                y_adj = model.synthesis(w_t[idx] + delta)
+            loss = loss + cfg["adjacency_weight"] * _terms(student.synthesis(w_u[idx] + delta), y_adj, enc, cfg,
+                                                            use_id)
+        if cfg["global_batch"] and cfg["global_weight"] > 0:
+            w = random_w(cfg["global_batch"])
+            with torch.no_grad():
+                y_g = model.synthesis(w)
+            loss = loss + cfg["global_weight"] * cfg["perceptual_weight"] * laplacian_l1(student.synthesis(w), y_g).mean()
+        loss.backward()
+        opt.step()
+        last = float(loss.detach())
+        bar.set_postfix(loss=f"{last:.4f}")
+    names = synthesis_parameter_names(model)
+    sp = dict(student.generator.named_parameters())
+    new = {n: sp[n.partition(".")[2]].detach().clone() for n in names}
+    new = {n: v for n, v in new.items() if not torch.equal(v, model.generator.get_parameter(n.partition(".")[2]))}
+    meta = {"method": name, "config": {k_: v for k_, v in cfg.items()}, "seed": seed, "id_loss": use_id,
+            "final_loss": last, "spread": spread(model),
+            "targets": fingerprint_embeddings(request.targets, request.salt), "version": __version__}
+    return Patch.from_edit(model, new, meta)
+
+
+@register_method("guide", validate=lambda o: resolve_options(o), requires=("synthesis", "invert", "w_avg"))
+def fit_guide(model, request: ErasureRequest, *, seed: int = 0, progress: bool = True, **options) -> Patch:
+    return fit_guide_like("guide", model, request, seed=seed, progress=progress, cfg=resolve_options(options))
+
+
+AVERAGE_DEFAULTS = {**GUIDE_DEFAULTS, "target": "average"}
+
+
+@register_method("guide_average", validate=lambda o: resolve_options(o, "guide_average", AVERAGE_DEFAULTS),
+                 requires=("synthesis", "invert", "w_avg"))
+def fit_guide_average(model, request: ErasureRequest, *, seed: int = 0, progress: bool = True, **options) -> Patch:
+    return fit_guide_like("guide_average", model, request, seed=seed, progress=progress,
+                          cfg=resolve_options(options, "guide_average", AVERAGE_DEFAULTS))
