@@ -77,7 +77,7 @@ def class_name_of(folder: Path) -> str | None:
 
 def _register_builtins() -> None:
     # importing the adapter modules registers them (models know nothing of methods)
-    from fastforget.models import arc2face, unconditional  # noqa: F401
+    from fastforget.models import arc2face, stylegan2, unconditional  # noqa: F401
     from fastforget.models import ip_adapter  # noqa: F401  (SD / SDXL pipeline folders + IP-Adapter checkpoints)
 
 
