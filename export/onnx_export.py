@@ -395,6 +395,12 @@ def to_onnx(model_or_dir, out_dir, *, opset: int = 17, fp16: bool = False, firew
         raise InputError("firewall_bank / firewall_anchors given but firewall=False; pass firewall=True")
     check_output_path(out_dir, overwrite, "out_dir")  # before the model is loaded or traced
     model, patch = resolve_model_and_patch(model_or_dir, patch, base=base)
+    if hasattr(model, "id_tokens"):  # a portrait generator: its image projection only (export/portrait.py)
+        from fastforget.export.portrait import to_onnx_portrait
+
+        return to_onnx_portrait(model, out_dir, patch=patch, opset=opset, fp16=fp16, firewall=firewall,
+                                firewall_bank=firewall_bank, firewall_anchors=firewall_anchors,
+                                firewall_threshold=firewall_threshold, verify=verify, overwrite=overwrite)
     bank = anchors = None
     if firewall:
         bank, anchors = _check_bank(firewall_bank, firewall_anchors, firewall_threshold)

@@ -114,7 +114,7 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
     if hasattr(model, "synthesis") and hasattr(model, "invert"):  # a latent generator (StyleGAN2): GUIDE's path
         return _erase_latent_generator(model, targets, method, fit, retain, encoder, seed, progress, salt, report,
                                        verify_n, options)
-    if report and not hasattr(model, "condition"):
+    if report and not (hasattr(model, "condition") or hasattr(model, "id_tokens")):  # Arc2Face or a portrait model
         raise InputError(f"report: the report generates identities, which this {getattr(model, 'family', '')} "
                          "model cannot (it has no identity conditioning); pass report=False")
     encoder = resolve_encoder(encoder, model, "erase") if encoder is not None or model.is_testbed else None

@@ -197,7 +197,7 @@ def _identities(values, name: str):
 
 def _inputs(args) -> list:
     """Existing input paths of a command: an output may not replace a folder holding one of them."""
-    names = ("model", "base", "encoder", "baseline", "patch", "bank")
+    names = ("model", "base", "ip_adapter", "encoder", "baseline", "patch", "bank")
     return [getattr(args, k) for k in names if getattr(args, k, None) and Path(getattr(args, k)).exists()]
 
 
@@ -214,7 +214,7 @@ def cmd_erase(args) -> int:
     get_method(args.method)  # an unknown name fails before the model is loaded
 
     enc = ff.load_encoder(args.encoder) if args.encoder else None
-    model = ff.load(args.model, base=args.base)
+    model = ff.load(args.model, base=args.base, ip_adapter=args.ip_adapter)
     options = {}
     if args.steps is not None:
         options["steps"] = args.steps
@@ -230,12 +230,29 @@ def cmd_erase(args) -> int:
                          f"photos; {preserve!r} is none of these")
     res = ff.erase(model, target, method=args.method, retain=retain, encoder=enc, seed=args.seed, progress=True,
                    verify_n=args.verify_n, anchor_tau=args.anchor_tau, preserve=preserve, **options)
-    out = res.save(args.out, overwrite=args.overwrite)
+    if hasattr(res.model, "save_ip_adapter"):  # a portrait generator: the erased adapter file, original layout
+        out, what = _save_portrait(res, args), Path(res.model.ip_adapter).name
+    else:
+        out, what = res.save(args.out, overwrite=args.overwrite), "model"
     print(f"erased with {args.method}: patch {res.patch.fingerprint()} ({len(res.patch.names)} tensors)")
     if res.report is not None:
         print(res.report.table())
-    print(f"written: {out}/model, {out}/patch.safetensors, {out}/report.json, {out}/report.png")
+    print(f"written: {out}/{what}, {out}/patch.safetensors" + (f", {out}/report.json, {out}/report.png"
+                                                                 if res.report is not None else ""))
     return 0
+
+
+def _save_portrait(res, args) -> Path:
+    """OUT/<adapter file name> (the erased checkpoint in the input's layout: deployment swaps this one file),
+    patch.safetensors and the report, atomically."""
+    from fastforget.io import atomic_directory
+
+    with atomic_directory(args.out, overwrite=args.overwrite, name="--out") as tmp:
+        res.model.save_ip_adapter(tmp / Path(res.model.ip_adapter).name)
+        res.patch.save(tmp / "patch.safetensors")
+        if res.report is not None:
+            res.report.save(tmp)
+    return Path(args.out)
 
 
 def cmd_verify(args) -> int:
@@ -254,8 +271,8 @@ def cmd_verify(args) -> int:
     import fastforget as ff
 
     enc = ff.load_encoder(args.encoder) if args.encoder else None
-    model = ff.load(args.model, base=args.base)
-    baseline = ff.load(args.baseline, base=args.base) if args.baseline else None
+    model = ff.load(args.model, base=args.base, ip_adapter=args.ip_adapter)
+    baseline = ff.load(args.baseline, base=args.base, ip_adapter=args.ip_adapter) if args.baseline else None
     rep = ff.verify(model, target, retain=retain, encoder=enc, n=args.n, seed=args.seed, baseline=baseline)
     print(rep.table())
     if out is not None:
@@ -332,8 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     def common(p):
-        p.add_argument("model", help="'demo', a fastforget model folder, or an Arc2Face release folder")
+        p.add_argument("model", help="'demo' ('demo-faceid', ...), a fastforget model folder, an Arc2Face release "
+                                     "folder, or a diffusers pipeline folder (with --ip-adapter)")
         p.add_argument("--base", help="SD-1.5 folder (tokenizer/, vae/, scheduler/) for the Arc2Face layout")
+        p.add_argument("--ip-adapter", help="IP-Adapter FaceID / InstantID checkpoint for a diffusers pipeline folder")
         p.add_argument("--target", nargs="+", required=True,
                        help="testbed ids, image paths, or one .npy of (N, 512) embeddings")
         p.add_argument("--retain", nargs="+", help="same forms as --target")
@@ -345,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="identities held fixed: auto (default set; cached per model), none, a .npy gallery of "
                         "(N, 512) embeddings, or a folder of face photos encoded with --encoder")
     common(e)
-    e.add_argument("--method", default="closed_form", help="closed_form (default), piu, uce, esd_x, bia")
+    e.add_argument("--method", default="closed_form",
+                   help="closed_form (default), piu, uce, esd_x, bia; portrait generators: closed_form, ireu, "
+                        "encoder_finetune")
     e.add_argument("--steps", type=_int(1), help="training steps for fine-tuning methods")
     e.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     e.add_argument("--overwrite", action="store_true")

@@ -115,7 +115,7 @@ def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0
         return verify_gan(model, targets, baseline=baseline, encoder=resolve_encoder(encoder, model, "verify"),
                           others=others, retain=retain, n=20 * n, fd_n=80 * n, seed=seed)
     for what, m in (("model", model), ("baseline", baseline)):
-        if m is not None and not hasattr(m, "condition"):
+        if m is not None and not (hasattr(m, "condition") or hasattr(m, "id_tokens")):  # Arc2Face, portrait models
             raise InputError(f"{what}: verify generates identities, which this {getattr(m, 'family', '')} model "
                              "cannot (it has no identity conditioning)")
     encoder = resolve_encoder(encoder, model, "verify")
@@ -198,10 +198,27 @@ def verify(model, targets, retain=None, encoder=None, n: int = 25, seed: int = 0
         metrics["drift"] = None
         grid_rows = [to_uint8(g_f[i * n:(i + 1) * n]) for i in range(min(k, 4))]
     timings["total_s"] = time.perf_counter() - t0
+    grid = None
+    if grid_rows:  # portrait generators: rows and columns labelled
+        grid = _labelled_portrait_grid(grid_rows, min(k, 4), baseline is not None, ret is not None, n) \
+            if hasattr(model, "id_tokens") else image_grid(grid_rows)
     details = {"n_per_identity": n, "steps": steps, "guidance": guidance, "seed": seed, "timings": timings,
                "targets": fingerprint_embeddings(tgt, salt), "n_retain": 0 if ret is None else len(ret),
                "grid_rows": "rows 1..k: targets before; then targets after; then retain[0] before / after"
                if baseline is not None else "targets after"}
-    return Report(metrics, details, image_grid(grid_rows) if grid_rows else None)
+    return Report(metrics, details, grid)
+
+
+def _labelled_portrait_grid(rows: list, k: int, before_after: bool, retained: bool, n: int) -> np.ndarray:
+    """verify's rows (targets before, targets after, retain[0] before / after), each row and column labelled
+    (fastforget.verify_gan.labelled_grid); sample j of a row before and after uses the same seed."""
+    from fastforget.verify_gan import labelled_grid
+
+    if before_after:
+        labels = [f"target {i} before" for i in range(k)] + [f"target {i} after" for i in range(k)]
+        labels += ["retained before", "retained after"] if retained else []
+    else:
+        labels = [f"target {i} after" for i in range(k)]
+    return labelled_grid(rows, labels, [f"sample {j + 1}" for j in range(n)], scale=3)
 
 

@@ -54,12 +54,15 @@ def register_method(name: str, validate=None, requires=()):
 def check_model(name: str, model) -> None:
     """InputError naming `model` when it lacks what method `name` edits (an unconditional model has no
     identity conditioning for closed_form / uce / piu / esd_x)."""
-    missing = [a for a in _REQUIRES.get(name, ()) if not hasattr(model, a)]
+    # an entry "a|b" is met by either attribute (closed_form: Arc2Face's condition or a portrait's id_tokens)
+    missing = [a for a in _REQUIRES.get(name, ()) if not any(hasattr(model, alt) for alt in a.split("|"))]
     if missing:
         family = getattr(model, "family", None) or type(model).__name__
         what = "the synthesis network of a latent generator (StyleGAN2)" if "synthesis" in missing else \
-            "the identity conditioning of an Arc2Face-family model"
-        raise InputError(f"model: {name} edits {what}; this {family} model has no {', '.join(missing)}")
+            "the image projection of a portrait generator (IP-Adapter FaceID, InstantID)" if "image_proj" in missing \
+            else "the identity conditioning of an Arc2Face-family model"
+        raise InputError(f"model: {name} edits {what}; this {family} model has no "
+                         f"{', '.join(a.replace('|', ' or ') for a in missing)}")
 
 
 def validate_options(name: str, options: dict) -> None:

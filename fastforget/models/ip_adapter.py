@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from fastforget.errors import InputError, ModelLoadError, UnsafeCheckpointError
 from fastforget.identity.embeddings import EMBED_DIM, check_embeddings
 from fastforget.models.arc2face import Arc2FaceModel
-from fastforget.models.registry import MANIFEST, class_name_of, read_json_config, read_manifest, register_adapter
+from fastforget.models.registry import (MANIFEST, class_name_of, read_json_config, read_manifest, register_adapter,
+                                        register_builtin)
 
 FACEID, INSTANTID = "ip_adapter_faceid", "instantid"
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -75,9 +76,13 @@ class PortraitModel:
 
     def __init__(self, unet, text_encoder, tokenizer, vae, scheduler, *, text_encoder_2=None, tokenizer_2=None,
                  adapter_layout: dict, lora: dict | None = None, base_unet_config: str, pipeline_class: str,
-                 embedding_norm: float = 1.0, source: str | None = None, ip_adapter: str | None = None):
+                 embedding_norm: float = 1.0, source: str | None = None, ip_adapter: str | None = None,
+                 unshuffle: int = 1, prompt: str = DEFAULT_PROMPT, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT):
         self.unet, self.text_encoder, self.tokenizer, self.vae, self.scheduler = \
             unet, text_encoder, tokenizer, vae, scheduler
+        # vae=None: a pixel-space UNet on unshuffle x unshuffle space-to-depth pixels (the testbed's)
+        self.unshuffle = int(unshuffle)
+        self.default_prompt, self.default_negative_prompt = prompt, negative_prompt
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.pipeline_class = pipeline_class
         self.embedding_norm = float(embedding_norm)
@@ -91,7 +96,7 @@ class PortraitModel:
                 positions = te.config.max_position_embeddings
                 if not isinstance(tok.model_max_length, int) or not 0 < tok.model_max_length <= positions:
                     tok.model_max_length = positions
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else self.unshuffle
         self.resolution = unet.config.sample_size * self.vae_scale_factor
         for m in (unet, text_encoder, text_encoder_2, vae):
             if m is not None:
@@ -108,7 +113,9 @@ class PortraitModel:
 
     def components(self) -> dict:
         """Top-level modules that patch names start with (`unet.encoder_hid_proj...` for the image projection)."""
-        comps = {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
+        comps = {"unet": self.unet, "text_encoder": self.text_encoder}
+        if self.vae is not None:
+            comps["vae"] = self.vae
         if self.text_encoder_2 is not None:
             comps["text_encoder_2"] = self.text_encoder_2
         return comps
@@ -181,6 +188,10 @@ class PortraitModel:
         sched = scheduler or type(self.scheduler).from_config(self.scheduler.config)
         common = dict(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
                       scheduler=sched, image_encoder=None, feature_extractor=None)
+        if self.vae is None:  # pixel space: diffusers' constructor would turn DDIM's x0 clipping off, with a warning
+            sched = type(sched).from_config({**sched.config, "clip_sample": False}) \
+                if getattr(sched.config, "clip_sample", False) else sched
+            common["scheduler"] = sched
         if self.pipeline_class == "StableDiffusionXLPipeline":
             pipe = diffusers.StableDiffusionXLPipeline(text_encoder_2=self.text_encoder_2,
                                                        tokenizer_2=self.tokenizer_2, add_watermarker=False, **common)
@@ -195,6 +206,8 @@ class PortraitModel:
     initial_noise = Arc2FaceModel.initial_noise  # per-image noise: image i uses seed + i (one rule for every family)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:  # pixel space
+            return F.pixel_shuffle(z, self.unshuffle) if self.unshuffle > 1 else z
         cfg = self.vae.config
         if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
             mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(z)
@@ -257,14 +270,16 @@ class PortraitModel:
             raise InputError(f"scheduler: expected a diffusers scheduler, got {type(scheduler).__name__}")
         ip = self.image_embeds(embeddings)
         n = ip.shape[0]
-        prompts = self._prompts(prompt, n, "prompt", DEFAULT_PROMPT)
-        negatives = self._prompts(negative_prompt, n, "negative_prompt", DEFAULT_NEGATIVE_PROMPT)
+        prompts = self._prompts(prompt, n, "prompt", self.default_prompt)
+        negatives = self._prompts(negative_prompt, n, "negative_prompt", self.default_negative_prompt)
         noise = self.initial_noise(n, seed)
         use_cfg = guidance is not None and guidance > 1.0
         out = []
         for i in tqdm(range(0, n, batch_size), desc="generate", disable=not progress, leave=False):
             pipe = self.pipeline(scheduler)  # a fresh scheduler per batch: multistep samplers keep state
-            sched = pipe.scheduler
+            # pixel space keeps the model's sampler (x0 clipped to [-1, 1] is exact there: the testbed's)
+            sched = pipe.scheduler if self.vae is not None else \
+                (scheduler or type(self.scheduler).from_config(self.scheduler.config))
             e = ip[i:i + batch_size]
             states, added = self._prompt_states(pipe, prompts[i:i + batch_size], negatives[i:i + batch_size], use_cfg)
             added["image_embeds"] = [torch.cat([torch.zeros_like(e), e]) if use_cfg else e]
@@ -359,13 +374,15 @@ class PortraitModel:
             if self.text_encoder_2 is not None:
                 self.text_encoder_2.save_pretrained(tmp / "text_encoder_2", safe_serialization=True)
                 self.tokenizer_2.save_pretrained(tmp / "tokenizer_2")
-            self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            if self.vae is not None:
+                self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
             self.scheduler.save_pretrained(tmp / "scheduler")
             (tmp / IP_ADAPTER_FILE).write_bytes(_adapter_bytes(self.ip_adapter_state_dict(), ".safetensors"))
             (tmp / MANIFEST).write_text(json.dumps({
                 "family": self.family, "ip_adapter": IP_ADAPTER_FILE, "embedding_norm": self.embedding_norm,
                 "ip_adapter_scale": self.ip_adapter_scale, "pipeline": self.pipeline_class,
-                "source": self.source}, indent=2))
+                "source": self.source, "unshuffle": self.unshuffle, "prompt": self.default_prompt,
+                "negative_prompt": self.default_negative_prompt}, indent=2))
         return Path(directory)
 
     def clone(self, only=None) -> "PortraitModel":
@@ -377,7 +394,9 @@ class PortraitModel:
                        self.tokenizer, share_copy(self.vae, "vae", only), self.scheduler,
                        text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2, adapter_layout=self._layout,
                        lora=self._lora, base_unet_config=self._base_unet_config, pipeline_class=self.pipeline_class,
-                       embedding_norm=self.embedding_norm, source=self.source, ip_adapter=self.ip_adapter)
+                       embedding_norm=self.embedding_norm, source=self.source, ip_adapter=self.ip_adapter,
+                       unshuffle=self.unshuffle, prompt=self.default_prompt,
+                       negative_prompt=self.default_negative_prompt)
         m.is_testbed = getattr(self, "is_testbed", False)
         return m
 
@@ -621,8 +640,6 @@ def load_portrait(path, ip_adapter=None, allow_nonfinite: bool = False, embeddin
     """A diffusers StableDiffusion(XL)Pipeline folder + an IP-Adapter FaceID or InstantID checkpoint
     (`ip_adapter=`; a relative name is also looked up inside the folder), or a folder written by
     `save_pretrained` (its adapter is found through fastforget.json)."""
-    from fastforget.models.arc2face import (_check_finite, _load_text_encoder, _load_tokenizer, _load_unet,
-                                            _load_vae, load_scheduler, low_cpu_mem)
     from fastforget.models.common import check_float
 
     root = Path(path)
@@ -645,7 +662,17 @@ def load_portrait(path, ip_adapter=None, allow_nonfinite: bool = False, embeddin
             raise ModelLoadError(f"{root}: a {pipeline_class} folder; pass ip_adapter= the IP-Adapter FaceID or "
                                  "InstantID checkpoint (e.g. ff.load(folder, ip_adapter='ip-adapter-faceid_sd15.bin'))")
         ip_adapter = meta["ip_adapter"]
-    ckpt = _find_checkpoint(ip_adapter, root)
+    return _assemble(root, _find_checkpoint(ip_adapter, root), meta, pipeline_class, allow_nonfinite, embedding_norm)
+
+
+def _assemble(root: Path, ckpt: Path, meta: dict, pipeline_class: str, allow_nonfinite: bool,
+              embedding_norm: float | None):
+    """The pipeline parts in `root` (unet/, text_encoder/, tokenizer/, scheduler/, vae/ unless `meta` names
+    `unshuffle` and there is no vae/: a pixel-space UNet) + the adapter checkpoint `ckpt`, loaded by diffusers."""
+    from fastforget.models.arc2face import (_check_finite, _check_geometry, _load_text_encoder, _load_tokenizer,
+                                            _load_unet, _load_vae, load_scheduler, low_cpu_mem)
+    from fastforget.models.common import check_float
+
     state = read_ip_adapter(ckpt)
     family = adapter_family(state, ckpt)
     if meta.get("family", family) != family:
@@ -661,7 +688,11 @@ def load_portrait(path, ip_adapter=None, allow_nonfinite: bool = False, embeddin
     unet = _load_unet(root / "unet")
     text_encoder = _load_text_encoder(root / "text_encoder")
     tokenizer = _load_tokenizer(root / "tokenizer")
-    vae = _load_vae(root / "vae")
+    vae = _load_vae(root / "vae") if "unshuffle" not in meta or (root / "vae").is_dir() else None
+    unshuffle = _check_geometry(unet, meta.get("unshuffle", 1), vae, root / MANIFEST)
+    prompts = {k: meta.get(k, d) for k, d in (("prompt", DEFAULT_PROMPT), ("negative_prompt", DEFAULT_NEGATIVE_PROMPT))}
+    if not all(isinstance(v, str) for v in prompts.values()):
+        raise ModelLoadError(f"{root / MANIFEST}: 'prompt' / 'negative_prompt' must be strings")
     scheduler = load_scheduler(root / "scheduler", default="DDIMScheduler")  # IP-Adapter's FaceID demos: DDIM
     text_encoder_2 = tokenizer_2 = None
     if pipeline_class == "StableDiffusionXLPipeline":
@@ -699,7 +730,7 @@ def load_portrait(path, ip_adapter=None, allow_nonfinite: bool = False, embeddin
         model = cls(unet, text_encoder, tokenizer, vae, scheduler, text_encoder_2=text_encoder_2,
                     tokenizer_2=tokenizer_2, adapter_layout=layout, lora=lora, base_unet_config=base_unet_config,
                     pipeline_class=pipeline_class, embedding_norm=embedding_norm, source=str(root),
-                    ip_adapter=str(ckpt))
+                    ip_adapter=str(ckpt), unshuffle=unshuffle, **prompts)
     except Exception as exc:
         raise ModelLoadError(f"{root}: the parts do not fit together ({str(exc)[:200]})") from None
     if "ip_adapter_scale" in meta:
@@ -721,6 +752,27 @@ def _detect_instantid(path: Path) -> bool:
     return meta is not None and meta.get("family") == INSTANTID
 
 
+def _load_demo_faceid(allow_nonfinite: bool = False, generator: str = "a"):
+    """The testbed's portrait generators: the testbed UNet (weights/generator; "b": plus the shifted-domain
+    fine-tune of weights/faceid_b) with the IP-Adapter FaceID of weights/faceid (fastforget.testbed.train_faceid)."""
+    from fastforget.testbed import weights_dir
+
+    folder = weights_dir() / "faceid"
+    meta = read_manifest(folder) if folder.is_dir() else None
+    if meta is None or not (folder / meta.get("ip_adapter", "")).is_file():
+        raise ModelLoadError(f"testbed FaceID adapter missing at {folder}: reinstall fastforget or run "
+                             "python -m fastforget.testbed.train_faceid")
+    model = _assemble(weights_dir() / "generator", folder / meta["ip_adapter"], meta, meta["pipeline"],
+                      allow_nonfinite, None)
+    if generator == "b":
+        from fastforget.testbed.train_faceid import apply_unet_delta
+
+        apply_unet_delta(model.unet, weights_dir() / "faceid_b")
+    return model
+
+
 # a pipeline folder is claimed here; the checkpoint decides FaceID or InstantID
 register_adapter(FACEID, detect=_detect, load=load_portrait, model_types=(PortraitModel,))
 register_adapter(INSTANTID, detect=_detect_instantid, load=load_portrait)
+register_builtin("demo-faceid", _load_demo_faceid)
+register_builtin("demo-faceid-b", lambda allow_nonfinite=False: _load_demo_faceid(allow_nonfinite, "b"))
