@@ -41,8 +41,8 @@ from fastforget.models.registry import MANIFEST, read_manifest, register_adapter
 FAMILY = "stylegan2"
 WEIGHTS = "generator.safetensors"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl")
-# GUIDE's distances (UFO target d = 30, adjacency steps alpha up to 15) are W distances of an FFHQ
-# generator, whose samples lie about this far from w_avg; `w_scale` rescales them to another model.
+# GUIDE's distances (UFO target d = 30, adjacency steps alpha up to 15, norms over the whole W+ tensor)
+# are taken as those of a generator whose samples lie about this far from w_avg; `w_scale` rescales them.
 GUIDE_W_DISTANCE = 30.0
 W_STATS_SAMPLES = 4096  # mapped z behind w_avg (when the file has none) and the W spread
 W_STATS_SEED = 0
@@ -298,8 +298,10 @@ class StyleGAN2Model(nn.Module):
     """A StyleGAN2 generator with its mean latent. Parameters are named `generator.<rosinality key>`
     (what patches of the synthesis network name, e.g. `generator.convs.3.conv.weight`).
 
-    `w_spread` is the median ‖w − w_avg‖ of mapped z; `w_scale` = w_spread / 30 turns GUIDE's FFHQ W
-    distances (UFO d = 30, adjacency α ≤ 15) into this model's: use d·w_scale and α·w_scale."""
+    `w_spread` is the median ‖w − w_avg‖ of mapped z (one style_dim vector), so a typical W+ lies
+    w_spread·√n_latent from w_avg in the norm over the whole W+ tensor, the norm GUIDE's formulas use.
+    `w_scale` = w_spread·√n_latent / 30 turns GUIDE's distances (UFO d = 30, adjacency α ≤ 15, chosen
+    for a generator whose samples lie about 30 from w_avg) into this model's: use d·w_scale, α·w_scale."""
 
     family = FAMILY
     is_testbed = False  # True only when loaded by its built-in name ("demo-gan")
@@ -345,7 +347,7 @@ class StyleGAN2Model(nn.Module):
 
     @property
     def w_scale(self) -> float:
-        return self.w_spread / GUIDE_W_DISTANCE
+        return self.w_spread * math.sqrt(self.n_latent) / GUIDE_W_DISTANCE
 
     def components(self) -> dict:
         """The modules a patch may edit, by name prefix."""
