@@ -395,6 +395,14 @@ def to_onnx(model_or_dir, out_dir, *, opset: int = 17, fp16: bool = False, firew
         raise InputError("firewall_bank / firewall_anchors given but firewall=False; pass firewall=True")
     check_output_path(out_dir, overwrite, "out_dir")  # before the model is loaded or traced
     model, patch = resolve_model_and_patch(model_or_dir, patch, base=base)
+    if hasattr(model, "synthesis") and hasattr(model, "invert"):  # a StyleGAN2: mapping + synthesis (export/gan.py)
+        from fastforget.export.gan import to_onnx_gan
+
+        if firewall:
+            raise InputError("firewall: the identity firewall guards an embedding-conditioned graph; a StyleGAN2 "
+                             "has no identity input to guard (its erasure is in the synthesis weights); "
+                             "export it with firewall=False")
+        return to_onnx_gan(model, out_dir, patch=patch, opset=opset, fp16=fp16, verify=verify, overwrite=overwrite)
     if hasattr(model, "id_tokens"):  # a portrait generator: its image projection only (export/portrait.py)
         from fastforget.export.portrait import to_onnx_portrait
 
