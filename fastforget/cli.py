@@ -59,6 +59,8 @@ def cmd_demo(args) -> int:
     from fastforget.io import check_output_path
 
     _check_demo(args)
+    if getattr(args, "family", "arc2face") == "stylegan2":
+        return _demo_gan(args)
     out = check_output_path(args.out, name="--out", into=True)  # files are written into it
 
     import numpy as np
@@ -149,6 +151,109 @@ def _demo_erase(args, model, enc, out) -> int:
     return 0
 
 
+DEMO_GAN_HELD_OUT = 2    # demo --family stylegan2: held-out people 100, 101 (never passed to erase)
+DEMO_GAN_RANDOM = 4      # ... and random latents, whose identity should stay put
+
+
+def _demo_gan(args) -> int:
+    """demo --family stylegan2: erase one held-out testbed person from the testbed StyleGAN2 (`demo-gan`) with
+    GUIDE from one photo; table of identity cosines before / after, labelled before/after picture."""
+    import json
+    import time
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    import fastforget as ff
+    from fastforget.identity.embeddings import to_uint8
+    from fastforget.io import atomic_write_bytes, check_output_path
+    from fastforget.verify_gan import labelled_grid
+
+    check_output_path(args.out, name="--out", into=True)  # files are written into it
+    out = Path(args.out)
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    gan = ff.load("demo-gan")
+    enc = ff.load_encoder("demo")
+    held = list(range(DEMO_HELD_OUT, DEMO_HELD_OUT + DEMO_GAN_HELD_OUT))
+    people = [args.target] + held
+    # one photo each of people the GAN never saw (it was trained on identities from 3,000,000 up)
+    photos, _ = ff.testbed.render(people, 1, seed=args.seed)
+    print(f"fastforget demo (stylegan2): testbed GAN ({gan.size}x{gan.size}, W+ {gan.n_latent}x{gan.style_dim}); "
+          f"erasing testbed person {args.target} from one photo with GUIDE ({args.guide_steps} steps)")
+    t0 = time.perf_counter()
+    w = gan.invert(photos, encoder=enc, seed=args.seed, progress=True)  # W+ of each photo, unedited generator
+    invert_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = ff.erase(gan, w[:1], method="guide", encoder=enc, seed=args.seed, progress=True, report=False,
+                   steps=args.guide_steps)  # the target's W+ (as erase would invert the photo itself)
+    fit_s = time.perf_counter() - t0
+    z = torch.randn(DEMO_GAN_RANDOM, gan.style_dim, generator=torch.Generator().manual_seed(args.seed + 1))
+    with torch.no_grad():
+        w_rand = gan.mapping(z)[:, None].expand(-1, gan.n_latent, -1).float().cpu()
+        w_all = torch.cat([w.float().cpu(), w_rand])
+        before, after = gan.generate_tensor(w_all), res.model.generate_tensor(w_all)
+        e0, e1 = enc.encode_tensor(before).float(), enc.encode_tensor(after).float()
+        ep = enc.encode(photos).float()
+
+    def cos(a, b):
+        return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)
+
+    k = len(people)
+    photo_before, photo_after, kept = cos(ep, e0[:k]), cos(ep, e1[:k]), cos(e0, e1)
+    labels = [f"target {args.target}"] + [f"held-out {i}" for i in held] + \
+             [f"random {j}" for j in range(DEMO_GAN_RANDOM)]
+    rows = []
+    print(f"\n{'who':<16}{'photo~before':>13}{'photo~after':>13}{'before~after':>14}")
+    for i, lab in enumerate(labels):
+        pb = float(photo_before[i]) if i < k else None
+        pa = float(photo_after[i]) if i < k else None
+        rows.append({"who": lab, "photo_before": pb, "photo_after": pa, "before_after": float(kept[i])})
+        cells = "".join(f"{v:>13.3f}" if v is not None else f"{'-':>13}" for v in (pb, pa))
+        print(f"{lab:<16}{cells}{float(kept[i]):>14.3f}")
+    rand = kept[k:]
+    print(f"\ntarget: cosine of what the generator draws at the photo's latent to the photo {float(photo_before[0]):.3f} "
+          f"-> {float(photo_after[0]):.3f}; random latents keep their identity at cosine {float(rand.mean()):.3f} "
+          f"(min {float(rand.min()):.3f})")
+    blank = np.full((gan.size, gan.size, 3), 255, np.uint8)
+    ph = [np.asarray(p) if p.shape[:2] == (gan.size, gan.size) else blank for p in photos]
+    grid = labelled_grid([np.stack(ph + [blank] * DEMO_GAN_RANDOM), to_uint8(before), to_uint8(after)],
+                         ["photo", "before", "after"], [lab.replace("held-out ", "held ") for lab in labels], scale=3)
+    png = atomic_write_bytes(out / "demo_gan_grid.png", _png_bytes(grid), overwrite=True, name="--out")
+    total = time.perf_counter() - t_start
+    summary = {"family": "stylegan2", "model": "demo-gan", "target": args.target, "held_out": held,
+               "guide_steps": args.guide_steps, "patch_fingerprint": res.patch.fingerprint(), "rows": rows,
+               "invert_seconds": invert_s, "fit_seconds": fit_s, "seconds": total}
+    atomic_write_bytes(out / "demo_gan.json", json.dumps(summary, indent=1).encode(), overwrite=True, name="--out")
+    res.patch.save(out / "demo_gan_patch.safetensors", overwrite=True)
+    print(f"before/after picture (rows: photo | unedited | erased): {png}")
+    print(f"inversion {invert_s:.1f}s, GUIDE {fit_s:.1f}s, total {total:.1f}s; patch {res.patch.fingerprint()} "
+          f"({len(res.patch.names)} tensors): {out / 'demo_gan_patch.safetensors'}")
+    return 0
+
+
+def _is_gan(model) -> bool:
+    return hasattr(model, "synthesis") and hasattr(model, "invert")
+
+
+def _gan_photos(values, name: str):
+    """A StyleGAN2 erases photos: testbed ids become one rendered photo each (seed 0); paths stay paths."""
+    import numpy as np
+
+    if isinstance(values, np.ndarray):
+        from fastforget.errors import InputError
+
+        raise InputError(f"{name}: a StyleGAN2 erases people from photos (image paths or testbed ids), "
+                         "not from embeddings")
+    if not values or not isinstance(values[0], int):
+        return values
+    import fastforget as ff
+
+    photos, _ = ff.testbed.render(values, 1, seed=0)
+    return list(photos)
+
+
 def _identities(values, name: str):
     """CLI identity list, checked before any model is loaded: integers are testbed ids (>= 0),
     one *.npy file holds (N, 512) embeddings, anything else is image paths (which must exist)."""
@@ -211,15 +316,25 @@ def cmd_erase(args) -> int:
     import fastforget as ff
     from fastforget.methods import get_method
 
-    get_method(args.method)  # an unknown name fails before the model is loaded
+    if args.method is not None:
+        get_method(args.method)  # an unknown name fails before the model is loaded
 
     enc = ff.load_encoder(args.encoder) if args.encoder else None
     model = ff.load(args.model, base=args.base, ip_adapter=args.ip_adapter)
+    gan = _is_gan(model)
+    if args.method is None:
+        args.method = "guide" if gan else "closed_form"
     options = {}
     if args.steps is not None:
         options["steps"] = args.steps
     preserve = args.preserve
-    if preserve == "none":
+    if gan:  # GUIDE: photos in, the global loss holds everyone else; no preservation set, no anchors
+        target, retain = _gan_photos(target, "--target"), _gan_photos(retain, "--retain")
+        if preserve not in ("auto", "none"):
+            print("fastforget: note: --preserve is not used for a StyleGAN2 (GUIDE's global loss keeps other "
+                  "people)", file=sys.stderr)
+        preserve = "auto"
+    elif preserve == "none":
         preserve = None
     elif preserve != "auto" and Path(preserve).is_dir():
         preserve = ff.gallery.from_folder(preserve, enc)  # a folder of face photos
@@ -346,10 +461,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-erase", action="store_true", help="only the generation table")
     d.add_argument("--anchor-tau", type=_float(-1.0, 0.9, hi_open=True), default=0.2,
                    help="anchor rule's cosine to the target, in [-1, 0.9) (PIU: 0.2)")
+    d.add_argument("--family", choices=["arc2face", "stylegan2"], default="arc2face",
+                   help="arc2face (default): the testbed Arc2Face table and erasures; stylegan2: erase one held-out "
+                        "person from the testbed StyleGAN2 (demo-gan) with GUIDE, before/after picture and table")
+    d.add_argument("--guide-steps", type=_int(1, 100000), default=40,
+                   help="stylegan2: GUIDE unlearning steps (paper: 1000; the demo's default runs in about a minute)")
     d.set_defaults(func=cmd_demo)
 
     def common(p):
-        p.add_argument("model", help="'demo' ('demo-faceid', ...), a fastforget model folder, an Arc2Face release "
+        p.add_argument("model", help="'demo' ('demo-faceid', 'demo-gan', ...), a StyleGAN2 .pt checkpoint, a "
+                                     "fastforget model folder, an Arc2Face release "
                                      "folder, or a diffusers pipeline folder (with --ip-adapter)")
         p.add_argument("--base", help="SD-1.5 folder (tokenizer/, vae/, scheduler/) for the Arc2Face layout")
         p.add_argument("--ip-adapter", help="IP-Adapter FaceID / InstantID checkpoint for a diffusers pipeline folder")
@@ -364,10 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="identities held fixed: auto (default set; cached per model), none, a .npy gallery of "
                         "(N, 512) embeddings, or a folder of face photos encoded with --encoder")
     common(e)
-    e.add_argument("--method", default="closed_form",
+    e.add_argument("--method", default=None,
                    help="closed_form (default), piu, uce, esd_x, bia; portrait generators: closed_form, ireu, "
-                        "encoder_finetune")
-    e.add_argument("--steps", type=_int(1), help="training steps for fine-tuning methods")
+                        "encoder_finetune; StyleGAN2 checkpoints: guide (default), guide_average")
+    e.add_argument("--steps", type=_int(1), help="training steps for fine-tuning methods (guide: unlearning steps)")
     e.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--verify-n", type=_int(1), default=4, help="generations per identity in the report")
