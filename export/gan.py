@@ -2,7 +2,8 @@
 
     res = ff.erase(ff.load("ffhq.pt"), ["photo.png"], method="guide", encoder=enc)
     ff.export.to_onnx(res.model, "gan_onnx", patch=res.patch)        # a StyleGAN2Model: this branch
-    ff.export.gan.to_onnx_gan(res.model, "gan_onnx", patch=res.patch)  # the same, called directly
+    from fastforget.export.gan import to_onnx_gan
+    to_onnx_gan(res.model, "gan_onnx", patch=res.patch)                # the same, called directly
 
 Two graphs, erased weights baked in (classic TorchScript exporter), dynamic batch, float32 inputs and
 outputs (with fp16=True the weights and activations inside are float16):

@@ -14,6 +14,7 @@ import torch
 
 import fastforget as ff
 from fastforget.errors import InputError, OutputExistsError
+from fastforget.export.gan import to_onnx_gan
 from fastforget.models.stylegan2 import StyleGAN2Model
 from fastforget.patch import Patch
 from test_stylegan2 import STYLE_DIM, tiny_generator
@@ -109,7 +110,7 @@ def test_export_with_patch_bakes_in_the_erased_weights(tmp_path, gan):
     assert m["patch"]["fingerprint"] == patch.fingerprint() and m["patch"]["method"] == "hand-made"
     assert Patch.load(out / "patch.safetensors").fingerprint() == patch.fingerprint()
     # the already-patched model with its patch: recorded, same graph
-    again = ff.export.gan.to_onnx_gan(erased, tmp_path / "onnx2", patch=patch)
+    again = to_onnx_gan(erased, tmp_path / "onnx2", patch=patch)
     assert _max_diff(again, erased)[1] <= TOL
     # a patch for another model is refused before anything is written
     other = Patch.from_edit(gan, {name: old * 0 + 5.0})
@@ -117,6 +118,14 @@ def test_export_with_patch_bakes_in_the_erased_weights(tmp_path, gan):
     with pytest.raises(InputError, match="match neither"):
         ff.export.to_onnx(gan, tmp_path / "bad", patch=other)
     assert not (tmp_path / "bad").exists()
+
+
+def test_fp16_export_within_its_tolerance(tmp_path, gan):
+    out = to_onnx_gan(gan, tmp_path / "onnx16", fp16=True)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dtype"] == "float16" and m["parity_check"]["rtol"] == 2e-2
+    d_map, d_syn, _ = _max_diff(out, gan)  # float32 in and out; float16 inside
+    assert d_map <= 2e-2 * 4 and d_syn <= 2e-2 * 8
 
 
 def test_guide_erasure_exports(tmp_path, gan):
@@ -137,7 +146,7 @@ def test_overwrite_firewall_and_parity_failure(tmp_path, gan, monkeypatch):
     with pytest.raises(OutputExistsError):
         ff.export.to_onnx(gan, out)
     with pytest.raises(OutputExistsError):
-        ff.export.gan.to_onnx_gan(gan, out)
+        to_onnx_gan(gan, out)
     assert (out / "manifest.json").read_bytes() == stamp
     ff.export.to_onnx(gan, out, overwrite=True)
     bank = torch.nn.functional.normalize(torch.randn(1, 512), dim=1)
