@@ -19,6 +19,7 @@ _LAZY = {
     "ConditionerGraph": "onnx_export", "UNetGraph": "onnx_export", "VAEDecoderGraph": "onnx_export",
     "OnnxPipeline": "runtime", "default_providers": "runtime", "to_uint8": "runtime",
     "DPMSolverMultistepNumpy": "scheduler",
+    "to_onnx_gan": "gan", "to_onnx_portrait": "portrait",
     "to_tensorrt": "trt", "refit": "trt", "check_tensorrt_ops": "trt", "TRT10_ONNX_OPS": "trt",
     "tensorrt_available": "trt",
     "BackendUnavailableError": "errors", "ExportParityError": "errors",
