@@ -68,7 +68,8 @@ def test_erase_and_verify_end_to_end_with_onnx_encoder(user_model, enc, tmp_path
         mp.setattr(preservation, "drawn_identities", lambda *a, **k: calls.append(1) or real(*a, **k))
         res = ff.erase(user_model, targets, method="closed_form", retain=retain, encoder=enc, verify_n=1,
                        progress=False)
-        assert res.report.details["preservation"] == {"kind": "drawn+random", "size": 16 + 256}
+        assert res.report.details["preservation"] == {"kind": "drawn+random",
+                                                      "size": 16 + 256 + preservation.DEFAULT_RECIPE["random"]}
         assert all(np.isfinite(v) for v in res.report.metrics.values() if isinstance(v, float))
         again = ff.erase(user_model, targets, method="closed_form", retain=retain, encoder=enc, report=False)
     assert len(calls) == 1  # second request: statistics from the disk cache
