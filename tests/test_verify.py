@@ -18,7 +18,9 @@ def test_erased_target_is_recognised_as_its_unrelated_anchor(demo_model, encoder
     after = ff.verify(res.model, [0], anchors=res.anchors, baseline=demo_model, **kw).metrics
     assert before["acc_u"] == 1.0 and before["ism_f"] > 0.4
     assert after["acc_u"] == 0.0  # every generation is nearer the anchor (or someone else) than the target
-    assert after["ism_f"] < 0.15 and after["neighbour_ism"] < 0.15
+    # far below the encoder's verification threshold (0.62 at FAR 1e-3); the 2026-12-05 defaults (which hold
+    # unnamed people better on real models) leave 0.157 here, the earlier ones 0.12
+    assert after["ism_f"] < 0.2 and after["neighbour_ism"] < 0.2
     # the anchor's own generations are the floor an anchor-replacement method can reach
     assert after["anchor_ism"] == pytest.approx(before["anchor_ism"], abs=1e-6)
     assert after["anchor_ism"] < 0.1
