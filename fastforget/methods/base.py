@@ -114,6 +114,22 @@ def check_int(name: str, cfg: dict, key: str, minimum: int = 1, maximum: int | N
         cfg[key] = int(v)
 
 
+def check_cos_pair(name: str, cfg: dict, key: str, strict: bool = False) -> None:
+    """cfg[key] must be a (low, high) pair of cosines, -1 <= low <= high < 1 (strict: 0 < low < high < 1);
+    stored as a list of two floats."""
+    v = cfg[key]
+    try:
+        lo, hi = (float(x) for x in v)
+        ok = not isinstance(v, str) and all(not isinstance(x, bool) for x in v) and \
+            (0.0 < lo < hi < 1.0 if strict else -1.0 <= lo <= hi < 1.0)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        bounds = "0 < low < high < 1" if strict else "-1 <= low <= high < 1"
+        raise InputError(f"{name}: option {key!r} must be a (low, high) pair of cosines with {bounds}, got {v!r}")
+    cfg[key] = [lo, hi]
+
+
 def check_number(name: str, cfg: dict, key: str, lo: float | None = None, strict: bool = False,
                  hi: float | None = None) -> None:
     """cfg[key] (if present) must be a finite number (>= lo, or > lo when strict; <= hi); stored as float."""

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from fastforget import __version__
 from fastforget.errors import InputError
 from fastforget.identity.embeddings import unit_vectors_at_cosine as neighbours_of
-from fastforget.methods.base import (ErasureRequest, attn2_kv_names, check_int, check_number, merge_options,
-                                     register_method)
+from fastforget.methods.base import (ErasureRequest, attn2_kv_names, check_cos_pair, check_int, check_number,
+                                     merge_options, register_method)
 from fastforget.patch import Patch, fingerprint_embeddings, get_parameter
 
 
@@ -127,16 +127,7 @@ def _resolve(name: str, defaults: dict, options: dict) -> dict:
         check_number(name, cfg, "retain_weight", 0.0)
     check_number(name, cfg, "lam", 0.0, strict=True)  # λI keeps A positive definite
     check_int(name, cfg, "neighbours", 0, MAX_NEIGHBOURS)
-    v = cfg["neighbour_cos"]
-    try:
-        lo, hi = (float(x) for x in v)
-        ok = not isinstance(v, str) and all(not isinstance(x, bool) for x in v) and -1.0 <= lo <= hi < 1.0
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise InputError(f"{name}: option 'neighbour_cos' must be a (low, high) pair of cosines with "
-                         f"-1 <= low <= high < 1, got {v!r}")
-    cfg["neighbour_cos"] = [lo, hi]
+    check_cos_pair(name, cfg, "neighbour_cos")
     if cfg["neighbour_map"] not in ("anchor", "transport"):
         raise InputError(f"{name}: option 'neighbour_map' must be 'anchor' or 'transport', got {cfg['neighbour_map']!r}")
     if not isinstance(cfg["use_preserve"], bool):

@@ -74,8 +74,8 @@ from fastforget import __version__
 from fastforget.errors import InputError
 from fastforget.identity.embeddings import EMBED_DIM, random_unit_vectors
 from fastforget.identity.embeddings import unit_vectors_at_cosine as neighbours_of
-from fastforget.methods.base import (MAX_BATCH, MAX_LR, MAX_SAMPLES, ErasureRequest, check_int, check_number,
-                                     merge_options, register_method)
+from fastforget.methods.base import (MAX_BATCH, MAX_LR, MAX_SAMPLES, ErasureRequest, check_cos_pair, check_int,
+                                     check_number, merge_options, register_method)
 from fastforget.patch import Patch, fingerprint_embeddings
 
 PORTRAIT_FAMILIES = ("ip_adapter_faceid", "instantid")
@@ -109,19 +109,6 @@ def _check_request(name: str, request: ErasureRequest) -> None:
         raise InputError(f"{name}: request.targets must be a non-empty (N, {EMBED_DIM}) tensor")
     if not isinstance(a, torch.Tensor) or tuple(a.shape) != tuple(t.shape):
         raise InputError(f"{name}: request.anchors must have the shape of request.targets {tuple(t.shape)}")
-
-
-def _cos_range(name: str, cfg: dict) -> None:
-    v = cfg.get("neighbour_cos")
-    try:
-        lo, hi = (float(x) for x in v)
-        ok = not isinstance(v, str) and all(not isinstance(x, bool) for x in v) and -1.0 <= lo <= hi < 1.0
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise InputError(f"{name}: option 'neighbour_cos' must be a (low, high) pair of cosines with "
-                         f"-1 <= low <= high < 1, got {v!r}")
-    cfg["neighbour_cos"] = [lo, hi]
 
 
 # ---------------------------------------------------------------- the projection's layers
@@ -456,16 +443,7 @@ def _resolve_ireu(options: dict) -> dict:
     check_number("ireu", cfg, "lam", 0.0, strict=True)  # λI keeps the system positive definite
     for key in ("identity_share", "coverage"):
         check_number("ireu", cfg, key, 0.0, strict=True, hi=1.0)
-    v = cfg["gate_cos"]
-    try:
-        lo, hi = (float(x) for x in v)
-        ok = not isinstance(v, str) and all(not isinstance(x, bool) for x in v) and 0.0 < lo < hi < 1.0
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise InputError(f"ireu: option 'gate_cos' must be a (low, high) pair of cosines with 0 < low < high < 1, "
-                         f"got {v!r}")
-    cfg["gate_cos"] = [lo, hi]
+    check_cos_pair("ireu", cfg, "gate_cos", strict=True)
     return cfg
 
 
