@@ -180,3 +180,29 @@ def test_testbed_pair_quick_erase_reaches_low_accu_on_both_generators(encoder):
     for gen in (res.model, res.patch.apply(b.clone(only=res.patch.names))):
         rep = ff.verify(gen, [7], retain=held, encoder=encoder, n=2, steps=10, neighbours=1, anchors=res.anchors)
         assert rep["acc_u"] <= 0.05 and rep["acc_r"] >= 0.5
+
+
+@pytest.mark.parametrize("method", ["ireu", "encoder_finetune"])
+def test_erase_with_an_onnx_encoder_end_to_end(faceid_model, tmp_path, method):
+    """A user's portrait model and a real (tiny, random-weight) ArcFace ONNX: photos in, the default report
+    out (generations scored by ONNX Runtime); the non-differentiable encoder makes encoder_finetune use its
+    token objective."""
+    from PIL import Image
+    from test_arcface_onnx import export_tiny_arcface
+
+    export_tiny_arcface(tmp_path / "arcface.onnx")
+    enc = ff.load_encoder(tmp_path / "arcface.onnx")
+    rng = np.random.default_rng(0)
+    photos = []
+    for i in range(2):
+        f = tmp_path / f"photo_{i}.png"
+        Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(f)
+        photos.append(str(f))
+    res = ff.erase(faceid_model, photos[:1], method=method, retain=photos[1:], encoder=enc, preserve=_emb(64, 31),
+                   verify_n=1, progress=False, **FAST[method])
+    assert set(res.patch.names) <= set(faceid_model.identity_parameter_names())
+    assert all(np.isfinite(v) for v in res.report.metrics.values() if isinstance(v, float))
+    if method == "encoder_finetune":
+        assert res.patch.metadata["objective"] == "tokens"
+    t = enc.encode(photos[:1])
+    assert not torch.equal(res.model.id_tokens(t), faceid_model.id_tokens(t))
