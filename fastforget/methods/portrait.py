@@ -282,20 +282,6 @@ def _held_pool(request: ErasureRequest, limit: int, seed: int) -> tuple[torch.Te
     return torch.cat(parts)[:limit], "+".join(kind)
 
 
-def _forget_rows(request: ErasureRequest) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets and the caller's other photos of them (`request.extra["target_sets"]`), with their owner."""
-    rows, owner = [request.targets.float()], [torch.arange(len(request.targets))]
-    sets = request.extra.get("target_sets") if isinstance(request.extra, dict) else None
-    if sets is not None and len(sets) == len(request.targets):
-        for i, s in enumerate(sets):
-            s = torch.as_tensor(s, dtype=torch.float32)
-            s = s[None] if s.ndim == 1 else s
-            if s.ndim == 2 and s.shape[1] == EMBED_DIM and len(s) and torch.isfinite(s).all():
-                rows.append(F.normalize(s, dim=1))
-                owner.append(torch.full((len(s),), i, dtype=torch.long))
-    return torch.cat(rows), torch.cat(owner)
-
-
 def _new_values(model, proj, names: list[str]) -> dict:
     """{patch name: trained value} for the projection tensors in `names` that changed."""
     trained = dict(proj.named_parameters())
