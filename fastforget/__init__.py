@@ -23,11 +23,18 @@ _LAZY = {"kernels": "fastforget.kernels", "svm": "fastforget.svm", "metrics": "f
          "export": "fastforget.export", "gallery": "fastforget.identity.gallery"}
 
 
+# public functions whose modules are heavy: imported on first use
+_LAZY_ATTRS = {"attack": "fastforget.attacks", "AttackReport": "fastforget.attacks",
+               "erase_batch": "fastforget.batch", "withdraw": "fastforget.batch"}
+
+
 def __getattr__(name):  # heavy or optional subpackages load on first use
     if name in _LAZY:
         return importlib.import_module(_LAZY[name])
+    if name in _LAZY_ATTRS:
+        return getattr(importlib.import_module(_LAZY_ATTRS[name]), name)
     raise AttributeError(f"module 'fastforget' has no attribute {name!r}")
 
 
-__all__ = ["load", "load_encoder", "erase", "verify", "Patch", "ErasureResult", "Report", "IdentityEncoder", "errors", "testbed", "kernels", "svm", "metrics", "export", "gallery",
+__all__ = ["load", "load_encoder", "erase", "verify", "attack", "AttackReport", "erase_batch", "withdraw", "Patch", "ErasureResult", "Report", "IdentityEncoder", "errors", "testbed", "kernels", "svm", "metrics", "export", "gallery",
            "__version__"]
