@@ -97,9 +97,30 @@ def test_guide_with_an_onnx_encoder(gan, tmp_path):
     export_tiny_arcface(tmp_path / "arcface.onnx")
     enc = ff.load_encoder(tmp_path / "arcface.onnx")
     photos = [np.asarray(Image.fromarray(p).resize((112, 112))) for p in _photos(gan, [5])]
-    res = ff.erase(gan, photos, method="guide", encoder=enc, progress=False, verify_n=1, steps=5, invert_steps=5)
+    res = ff.erase(gan, photos, method="guide", encoder=enc, progress=False, verify_n=1, steps=5, invert_steps=5,
+                   neighbours=2)
     assert res.patch.metadata["id_loss"] is False
+    assert res.patch.metadata["neighbours_mined"] == 0  # mining needs encoder gradients: none, and it says so
     assert all(np.isfinite(v) for v in res.report.metrics.values())
+
+
+def test_identity_neighbours_are_the_same_person_elsewhere_in_w(enc):
+    """Mined neighbours (ours) lie `radius` spreads from the target's latent, where other photos of a
+    person invert, and the unedited testbed GAN draws them as the target, which the start points are not."""
+    from fastforget.methods.guide import mine_neighbours
+
+    gan = ff.load("demo-gan")
+    w_u = gan.latents(n=2, seed=4)
+    gen = torch.Generator().manual_seed(0)
+    start = mine_neighbours(gan, w_u, enc, m=3, radius=1.5, steps=0, gen=torch.Generator().manual_seed(0))
+    w_nb = mine_neighbours(gan, w_u, enc, m=3, radius=1.5, steps=40, gen=gen)
+    with torch.no_grad():
+        e_u = enc.encode_tensor(gan.synthesis(w_u)).repeat_interleave(3, 0)
+        cos_nb = (enc.encode_tensor(gan.synthesis(w_nb)) * e_u).sum(-1)
+        cos_start = (enc.encode_tensor(gan.synthesis(start)) * e_u).sum(-1)
+    dist = (w_nb - w_u.repeat_interleave(3, 0)).flatten(1).norm(dim=1) / spread(gan)
+    assert torch.all(dist > 1.0), dist
+    assert cos_nb.min() > 0.8 and cos_start.mean() < 0.6, (cos_nb, cos_start)
 
 
 def test_verify_gan_needs_a_baseline(gan, enc):

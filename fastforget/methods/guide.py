@@ -48,6 +48,13 @@ GUIDE_DEFAULTS = {
     "adjacency_weight": 1.0, "global_weight": 1.0,
     "target": "extra",          # "extra" (UFO, GUIDE) | "average" (GUIDE's baseline: w_t = w_avg)
     "invert_steps": None,       # inversion steps (None: the adapter's default)
+    # ours (0 = GUIDE as published), see the module docstring:
+    "neighbours": 0,            # identity neighbours mined per target (same person, other latents)
+    "neighbour_radius": 1.5,    # where they start, in spreads from w_u (other photos invert 1.2-1.8 away)
+    "neighbour_steps": 40,      # Adam steps pulling each one back to the target's identity
+    "neighbour_batch": 2,       # neighbours in each step's local term
+    "global_mix": 0.0,          # share of the global batch drawn as style-mixed W+ (inverted photos are W+)
+    "global_id_weight": 0.0,    # ID term in the global loss (others keep who they are)
 }
 MAX_STEPS = 100_000
 
@@ -57,10 +64,12 @@ def resolve_options(options: dict, name: str = "guide", defaults: dict | None = 
     check_int(name, cfg, "steps", 1, MAX_STEPS)
     check_number(name, cfg, "lr", 0.0, strict=True, hi=1.0)
     for k in ("distance", "alpha_max", "mse_weight", "perceptual_weight", "id_weight", "adjacency_weight",
-              "global_weight"):
+              "global_weight", "neighbour_radius", "global_id_weight"):
         check_number(name, cfg, k, 0.0)
-    check_int(name, cfg, "adjacency_batch", 0, 1024)
-    check_int(name, cfg, "global_batch", 0, 1024)
+    check_number(name, cfg, "global_mix", 0.0, hi=1.0)
+    for k in ("adjacency_batch", "global_batch", "neighbours", "neighbour_batch"):
+        check_int(name, cfg, k, 0, 1024)
+    check_int(name, cfg, "neighbour_steps", 0, MAX_STEPS)
     if cfg["target"] not in ("extra", "average"):
         raise InputError(f"{name}: option 'target' must be 'extra' or 'average', got {cfg['target']!r}")
     if cfg["invert_steps"] is not None:
@@ -136,6 +145,31 @@ def target_latents(model, request: ErasureRequest, *, seed: int, progress: bool,
     return model.invert(imgs, encoder=enc, seed=seed, progress=progress, **kw).detach().float()
 
 
+def mine_neighbours(model, w_u: torch.Tensor, enc, *, m: int, radius: float, steps: int,
+                    gen: torch.Generator) -> torch.Tensor:
+    """Identity neighbours (ours): for each target, m W+ latents that the unedited generator draws as the
+    same person but that lie `radius` spreads from w_u, where other photos of a person invert. Each
+    starts at w_u + radius·spread·(w_r − w_u)/‖w_r − w_u‖ (w_r a random latent) and Adam pulls its
+    identity back to G₀(w_u)'s while the step away (pose, light, background) stays. (k·m, L, D)."""
+    k = len(w_u)
+    with torch.no_grad():
+        e_u = F.normalize(enc.encode_tensor(model.synthesis(w_u)), dim=-1).repeat_interleave(m, 0)
+        z = torch.randn(k * m, model.style_dim, generator=gen)
+        w_r = model.mapping(z)[:, None, :].expand(k * m, model.n_latent, model.style_dim)
+        start = w_u.repeat_interleave(m, 0)
+        d = w_r - start
+        w = start + radius * spread(model) * d / d.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None]
+    w = w.clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=0.1 * model.w_spread / model.style_dim ** 0.5)
+    for _ in range(steps):
+        e = F.normalize(enc.encode_tensor(model.synthesis(w)), dim=-1)
+        loss = (1 - (e * e_u).sum(-1)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return w.detach()
+
+
 def fit_guide_like(name: str, model, request: ErasureRequest, *, seed: int, progress: bool, cfg: dict) -> Patch:
     from tqdm import tqdm
 
@@ -166,6 +200,23 @@ def fit_guide_like(name: str, model, request: ErasureRequest, *, seed: int, prog
         with torch.no_grad():
             return model.mapping(z)[:, None, :].expand(n, model.n_latent, model.style_dim).contiguous()
 
+    def mixed_w(n):  # style mixing (StyleGAN2's mixing regularisation): layers < c from one w, the rest another
+        a, b = random_w(n), random_w(n)
+        cut = torch.randint(1, model.n_latent, (n,), generator=gen)
+        layer = torch.arange(model.n_latent)[None, :, None]
+        return torch.where(layer < cut[:, None, None], a, b)
+
+    m = cfg["neighbours"] if use_id else 0
+    if cfg["neighbours"] and not use_id:
+        log.warning("%s: identity neighbours need a differentiable encoder; none mined", name)
+    w_nb = y_nb = None
+    if m:
+        w_nb = mine_neighbours(model, w_u, enc, m=m, radius=cfg["neighbour_radius"], steps=cfg["neighbour_steps"],
+                               gen=gen)
+        with torch.no_grad():  # each neighbour goes where its offset from w_u takes the UFO target
+            y_nb = model.synthesis(w_t.repeat_interleave(m, 0) + (w_nb - w_u.repeat_interleave(m, 0)))
+    n_mix = round(cfg["global_batch"] * cfg["global_mix"])
+
     bar = tqdm(range(cfg["steps"]), desc=f"{name}: unlearning", disable=not progress, leave=False)
     last = float("nan")
     for _ in bar:
@@ -182,11 +233,20 @@ def fit_guide_like(name: str, model, request: ErasureRequest, *, seed: int, prog
                 y_adj = model.synthesis(w_t[idx] + delta)
             loss = loss + cfg["adjacency_weight"] * _terms(student.synthesis(w_u[idx] + delta), y_adj, enc, cfg,
                                                             use_id)
+        if m and cfg["neighbour_batch"]:
+            idx = torch.randint(0, len(w_nb), (cfg["neighbour_batch"],), generator=gen)
+            loss = loss + _terms(student.synthesis(w_nb[idx]), y_nb[idx], enc, cfg, use_id)
         if cfg["global_batch"] and cfg["global_weight"] > 0:
-            w = random_w(cfg["global_batch"])
+            nb = cfg["global_batch"]
+            w = random_w(nb - n_mix) if not n_mix else torch.cat([random_w(nb - n_mix), mixed_w(n_mix)])
             with torch.no_grad():
                 y_g = model.synthesis(w)
-            loss = loss + cfg["global_weight"] * cfg["perceptual_weight"] * laplacian_l1(student.synthesis(w), y_g).mean()
+            x_g = student.synthesis(w)
+            g_loss = cfg["perceptual_weight"] * laplacian_l1(x_g, y_g).mean()
+            if use_id and cfg["global_id_weight"] > 0:
+                ex, ey = F.normalize(enc.encode_tensor(x_g), dim=-1), F.normalize(enc.encode_tensor(y_g), dim=-1)
+                g_loss = g_loss + cfg["global_id_weight"] * (1 - (ex * ey).sum(-1)).mean()
+            loss = loss + cfg["global_weight"] * g_loss
         loss.backward()
         opt.step()
         last = float(loss.detach())
@@ -196,6 +256,7 @@ def fit_guide_like(name: str, model, request: ErasureRequest, *, seed: int, prog
     new = {n: sp[n.partition(".")[2]].detach().clone() for n in names}
     new = {n: v for n, v in new.items() if not torch.equal(v, model.generator.get_parameter(n.partition(".")[2]))}
     meta = {"method": name, "config": {k_: v for k_, v in cfg.items()}, "seed": seed, "id_loss": use_id,
+            "neighbours_mined": m,
             "final_loss": last, "spread": spread(model),
             "targets": fingerprint_embeddings(request.targets, request.salt), "version": __version__}
     return Patch.from_edit(model, new, meta)
