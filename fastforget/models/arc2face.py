@@ -110,8 +110,11 @@ class Arc2FaceModel:
         return tm.final_layer_norm(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
 
     def condition(self, embeddings, name: str = "embeddings") -> torch.Tensor:
-        """ArcFace embeddings (N, 512) -> text-encoder states (N, 77, D), differentiable in the text encoder."""
+        """ArcFace embeddings (N, 512) -> text-encoder states (N, 77, D), differentiable in the text encoder and,
+        for a tensor that requires grad, in the embedding itself (the white-box attacks optimise it)."""
         emb = check_embeddings(embeddings, name=name).to(self.device)
+        if isinstance(embeddings, torch.Tensor) and embeddings.requires_grad:  # checked above; keep its graph
+            emb = F.normalize(embeddings.reshape(emb.shape).float(), dim=1).to(self.device)
         n = emb.shape[0]
         ids = self._prompt_ids.to(self.device).expand(n, -1)
         tok = self.text_encoder.text_model.embeddings.token_embedding(ids)
