@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dispatch import ANY_DEVICE, HAS_TRITON, register, requires_triton, select
+from .dispatch import ANY_DEVICE, HAS_TRITON, KernelBackendError, register, requires_triton, select
 
 U32 = 2.0 ** -24  # unit roundoff of float32
 U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
@@ -164,6 +164,53 @@ def _eps_int8(e_q, qn_int8, e_g, gn, D):
 
 
 # ----------------------------------------------------------------------------------------------
+# Galleries the blocked pass reads: an in-memory tensor, or any object with the row-source methods
+# ----------------------------------------------------------------------------------------------
+class TensorRows:
+    """An in-memory (N, D) gallery seen as a row source.
+
+    A row source (this, or a memory-mapped gallery file: `fastforget.gallery.open`) has `shape`,
+    `device`, `name`, `read_rows(start, stop) -> (rows, scale)` (stored rows in float64 / float32 /
+    float16 / bfloat16 / int8, and a float32 per-row scale or None: row value = scale * rows) and
+    `gather_rows(idx) -> float64 values`. The search reads it one tile at a time, so its size is
+    bounded by the disk, not by memory.
+    """
+
+    name = "gallery"
+
+    def __init__(self, g: torch.Tensor):
+        self.g = g
+        self.shape = tuple(g.shape)
+        self.device = g.device
+
+    def read_rows(self, start: int, stop: int):
+        return self.g[start:stop], None
+
+    def gather_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.g.index_select(0, idx).to(torch.float64)
+
+
+def is_row_source(x) -> bool:
+    return hasattr(x, "read_rows") and hasattr(x, "gather_rows") and hasattr(x, "shape")
+
+
+def _source(g):
+    return g if is_row_source(g) else TensorRows(g)
+
+
+def _values32(rows, scale):
+    """fp32 row values of a tile read from a source (exact for fp16 / bf16 / int8 rows without a scale)."""
+    v = rows.to(torch.float32)
+    return v * scale[:, None] if scale is not None else v
+
+
+def _nonfinite(src, n0, n1):
+    from fastforget.errors import InputError
+
+    return InputError(f"{src.name} contains NaN or inf in rows {n0}..{n1 - 1} (or a row whose norm overflows float32)")
+
+
+# ----------------------------------------------------------------------------------------------
 # CPU (and any-device) blocked candidate pass
 # ----------------------------------------------------------------------------------------------
 def cpu_candidate_format() -> str:
@@ -252,6 +299,126 @@ class _Tile:
         """fp32 scores of a few (query, tile row) pairs from the tile in cache, and their error bound."""
         s = block.q32.index_select(0, rows).mul_(self.gf.index_select(0, cols)).sum(1) * self.scale[cols]
         return s.to(torch.float64), _eps_fp32(D) * block.qn[rows] * self.gn + 1e-30
+
+
+class _Bf16Tile:
+    """A tile for the bf16 (AMX) pass, multiplied as stored: no normalised or fp32 copy of the tile.
+
+    score~ = s_j * X_j with X = bf16(q) . bf16(rows_j) (fp32 accumulation, bf16 result) and the per-row
+    scale s_j = 1 / |rows_j| (normalize) or the stored scale (raw inner product). Rounding rows_j
+    instead of rows_j / |rows_j| to bf16 is the same relative error, so _eps_bf16 holds as it is.
+    Which (query, row) pairs may pass is decided in X units against the tile's extreme s_j (a superset),
+    and every pair found is re-scored in fp32 from the stored rows.
+    """
+
+    def __init__(self, rows, scale, normalize, D, src=None, n0=0):
+        self.rows = rows
+        self.op = rows.to(torch.bfloat16)  # exact for int8 rows
+        # norms of the stored rows (int8: exact in fp32, sums of squares of integers stay below 2**24)
+        src_rows = self.op if rows.dtype == torch.int8 else rows
+        nrm = torch.linalg.vector_norm(src_rows, dim=1, dtype=torch.float64 if rows.dtype == torch.float64
+                                       else torch.float32).to(torch.float32)
+        if not bool(torch.isfinite(nrm).all()) or (scale is not None and not bool(torch.isfinite(scale).all())):
+            raise _nonfinite(src or TensorRows(rows), n0, n0 + len(rows))
+        rel = (D + 8) * U32
+        if normalize:
+            s = torch.where(nrm > NORM_EPS if scale is None else (nrm > 0) & (scale != 0), 1.0 / nrm, 0.0)
+            self.gn = 1.0
+        else:
+            s = scale if scale is not None else torch.ones_like(nrm)
+            self.gn = float((nrm * s.abs()).max()) * (1.0 + 2 * rel) if len(nrm) else 0.0
+        self.s = s
+        pos = s[s > 0]
+        self.s_max = float(pos.max()) if pos.numel() else 0.0
+        self.s_min = float(pos.min()) if pos.numel() else 1.0
+        if bool((s < 0).any()):  # a negative stored scale flips the order: test every pair instead
+            self.s_max = None
+        self._vals = None
+
+    def vals32(self, cols=None):
+        r = self.rows if cols is None else self.rows.index_select(0, cols)
+        return r.to(torch.float32)
+
+    def approx(self, block: "_QueryBlock", D):
+        eps = _eps_bf16(D) * block.qn * self.gn + 1e-30
+        return block.op @ self.op.T, eps
+
+    def approx_fp32(self, block: "_QueryBlock", D):
+        """Dense fp32 scores of the whole tile, and their bound."""
+        X = block.q32 @ self.vals32().T
+        X *= self.s
+        return X, _eps_fp32(D) * block.qn * self.gn + 1e-30
+
+    def rescore_fp32(self, block: "_QueryBlock", rows, cols, D, chunk=256):
+        # chunks small enough to stay in cache: one large gather is ~6x slower here (page faults)
+        out = torch.empty(rows.numel(), dtype=torch.float32)
+        bq = torch.empty((min(chunk, rows.numel()), D), dtype=torch.float32)
+        bg = torch.empty_like(bq) if self.rows.dtype == torch.float32 else None
+        for i in range(0, rows.numel(), chunk):
+            r, c = rows[i:i + chunk], cols[i:i + chunk]
+            m = r.numel()
+            torch.index_select(block.q32, 0, r, out=bq[:m])
+            g = torch.index_select(self.rows, 0, c, out=bg[:m]) if bg is not None else self.vals32(c)
+            torch.sum(bq[:m].mul_(g), 1, out=out[i:i + m])
+        s = out.mul_(self.s[cols])
+        return s.to(torch.float64), _eps_fp32(D) * block.qn[rows] * self.gn + 1e-30
+
+    def x_threshold(self, t):
+        """Per query: the lowest X that may have s_j * X >= t for some row of this tile, as bf16, rounded down."""
+        if self.s_max is None:
+            return torch.full_like(t, float("-inf"))
+        tx = torch.where(t > 0, t / self.s_max if self.s_max > 0 else torch.full_like(t, float("inf")),
+                         t / self.s_min)
+        return _to_x_threshold(tx, torch.ones_like(tx), torch.empty(0, dtype=torch.bfloat16))
+
+
+def _bf16_hits(X, thr):
+    """(row, col) of the bf16 X >= thr[row]; strided groups of columns, their maxima taken on the bits.
+
+    A positive bf16 orders like its int16 bits, and every negative one (and -0) has negative bits: so
+    for thr > 0 a group holds a value >= thr iff its largest int16 is >= thr's bits. Rows with
+    thr <= 0 test every group."""
+    n_rows, T = X.shape
+    if T % GROUP:
+        return (X >= thr[:, None]).nonzero(as_tuple=True)
+    width = T // GROUP  # group c: columns c, c + width, c + 2 width, ... (max over a strided dim vectorises)
+    tbits = torch.where(thr > 0, thr.view(torch.int16), torch.iinfo(torch.int16).min)
+    Xv = X.view(n_rows, GROUP, width)
+    hr, hg = (Xv.view(torch.int16).amax(1) >= tbits[:, None]).nonzero(as_tuple=True)
+    sel_hot, sel_m = (Xv[hr, :, hg] >= thr[hr][:, None]).nonzero(as_tuple=True)
+    return hr[sel_hot], hg[sel_hot] + sel_m * width
+
+
+def _scan_block_bf16(block, tile: _Bf16Tile, D, n0, exclude, first):
+    """Fold one bf16 tile into the block's candidates and k-th lower bound (as _scan_block)."""
+    k = block.k
+    if first:  # no bound yet: the tile's own dense fp32 k-th best gives one
+        X, eps = tile.approx_fp32(block, D)
+        _exclude(X, block, n0, exclude)
+        L = X.topk(k, dim=1).values[:, -1].to(torch.float64) - eps if X.shape[1] >= k else block.threshold()
+        dense = True
+    else:
+        X, eps_b = tile.approx(block, D)
+        _exclude(X, block, n0, exclude)
+        rows, cols = _bf16_hits(X, tile.x_threshold(block.threshold() - eps_b))
+        dense = rows.numel() > X.numel() // 160  # early tiles: one dense fp32 product is cheaper
+        if dense:
+            X, eps = tile.approx_fp32(block, D)
+            _exclude(X, block, n0, exclude)
+            L = block.threshold()
+    if dense:
+        rows, cols = _tile_hits(X, _to_x_threshold(L - eps, torch.ones_like(eps), X))
+    if exclude is not None:  # a -inf sentinel passes a -inf threshold
+        keep = cols + n0 != exclude[block.rows][rows]
+        rows, cols = rows[keep], cols[keep]
+    if dense:
+        s, e = X[rows, cols].to(torch.float64), eps[rows]
+    else:
+        s, e = tile.rescore_fp32(block, rows, cols, D)
+    lo, hi = s - e, s + e
+    block.best_lo = _merge_best(block.best_lo, rows, lo, k)
+    block.hits.append((rows, cols + n0, lo, hi))
+    block.counts += torch.bincount(rows, minlength=len(block.rows))
 
 
 def _to_x_threshold(t, a, X):
@@ -344,15 +511,25 @@ def _prune(block):
     block.hits = [(rows[keep], idx[keep], lo[keep], hi[keep])]
 
 
-def _scan_tiles(q64, g, k, normalize, exclude, fmt, starts, tile, q_block):
+def _scan_tiles(q64, src, k, normalize, exclude, fmt, starts, tile, q_block):
     """One worker: fold the gallery tiles starting at `starts` into fresh query-block states."""
     n_q, D = q64.shape
     blocks = [_QueryBlock(q64, torch.arange(s, min(s + q_block, n_q), device=q64.device), fmt, k)
               for s in range(0, n_q, q_block)]
     for t, n0 in enumerate(starts):
-        gt = _Tile(g[n0:n0 + tile], fmt, normalize, D)
+        rows, scale = src.read_rows(n0, min(n0 + tile, src.shape[0]))
+        if fmt == "bf16":
+            gt = _Bf16Tile(rows, scale, normalize, D, src, n0)
+        else:
+            try:
+                gt = _Tile(_values32(rows, scale) if scale is not None else rows, fmt, normalize, D)
+            except ValueError:
+                raise _nonfinite(src, n0, n0 + len(rows)) from None
         for block in blocks:
-            _scan_block(block, gt, fmt, D, n0, exclude, first=t == 0)
+            if fmt == "bf16":
+                _scan_block_bf16(block, gt, D, n0, exclude, first=t == 0)
+            else:
+                _scan_block(block, gt, fmt, D, n0, exclude, first=t == 0)
             if (t + 1) % 64 == 0 or block.counts.max() > CANDIDATE_CAP:
                 _prune(block)
     return blocks
@@ -363,13 +540,18 @@ def _single_threaded(fn, *args):
     return fn(*args)
 
 
-def scan_blocked(q64, g, k, normalize, exclude, fmt, tile=1024, q_block=1024, workers=None):
+TILE_ROWS = {"bf16": 4096, "int8": 1024, "fp32": 1024}  # measured: AMX bf16 wants wide tiles
+
+
+def scan_blocked(q64, g, k, normalize, exclude, fmt, tile=None, q_block=1024, workers=None):
     """Blocked candidate pass: (query index, gallery index) candidate pairs and the overflowed queries.
 
     Tiles are dealt round-robin to `workers` threads (default torch.get_num_threads()), each running
     single-threaded ops: on shared cores, many small multi-threaded ops would each wait for a
     descheduled thread. Each worker keeps its own k-th lower bounds; they are merged at the end.
     """
+    g = _source(g)
+    tile = tile or TILE_ROWS[fmt]
     starts = list(range(0, g.shape[0], tile))
     workers = max(1, min(workers or torch.get_num_threads(), len(starts))) if g.device.type == "cpu" else 1
     args = (q64, g, k, normalize, exclude, fmt)
@@ -401,7 +583,7 @@ def scan_blocked(q64, g, k, normalize, exclude, fmt, tile=1024, q_block=1024, wo
 # Exact stage (float64) shared by both backends
 # ----------------------------------------------------------------------------------------------
 def _exact_rows(g, idx, normalize):
-    rows = g.index_select(0, idx).to(torch.float64)
+    rows = _source(g).gather_rows(idx)
     return F.normalize(rows, dim=1, eps=NORM_EPS) if normalize else rows
 
 
@@ -534,14 +716,16 @@ def _as_tensor(x, name):
 
 def _validate(queries, gallery, k, exclude):
     q = _as_tensor(queries, "queries")
-    g = _as_tensor(gallery, "gallery")
-    for name, t in (("queries", q), ("gallery", g)):
+    g = gallery if is_row_source(gallery) else _as_tensor(gallery, "gallery")
+    for name, t in (("queries", q), ("gallery", g)) if isinstance(g, torch.Tensor) else (("queries", q),):
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D (rows, embedding dim), got shape {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise ValueError(f"{name} must be floating point, got {t.dtype}")
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"queries have embedding size {q.shape[1]} but gallery has {g.shape[1]}")
+    if len(g.shape) != 2:
+        raise ValueError(f"gallery must be 2-D (rows, embedding dim), got shape {tuple(g.shape)}")
     if q.device != g.device:
         raise ValueError(f"queries are on {q.device} but gallery is on {g.device}")
     if not bool(torch.isfinite(q).all()):
@@ -572,12 +756,20 @@ def proximity_topk(queries, gallery, k, *, normalize=True, exclude=None, backend
     Cosine similarity when `normalize` (zero rows score 0), raw inner product otherwise. Sorted by
     score descending, ties to the lower index; identical to an exact float64 search. `exclude`: an
     optional (Q,) int64 gallery index to skip per query (-1: none). Accepts torch tensors or numpy
-    arrays; results are on the queries' device (CPU for numpy).
+    arrays; results are on the queries' device (CPU for numpy). `gallery` may also be a gallery file
+    opened with `fastforget.gallery.open(path)` (float16 / int8 rows, memory-mapped): it is read in
+    tiles, so memory stays flat whatever its size, and the result is exact for the stored rows.
     """
     q, g, k, exclude = _validate(queries, gallery, k, exclude)
     if q.shape[0] == 0:
         return torch.empty((0, k), dtype=torch.float32, device=g.device), \
             torch.empty((0, k), dtype=torch.int64, device=g.device)
+    if not isinstance(g, torch.Tensor):  # a gallery file: read in tiles by the blocked CPU pass
+        if backend not in (None, "auto", "torch"):
+            raise KernelBackendError(f"proximity_topk: backend {backend!r} cannot read a gallery file; "
+                                     "use 'torch' (or 'auto')")
+        scores, idx = proximity_topk_torch(q, g, k, normalize, exclude)
+        return scores.to(torch.float32), idx
     if g.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         g = g.to(torch.float32)
     impl = select("proximity_topk", g.device, g.dtype, backend, k=k, n=g.shape[0], d=g.shape[1])
