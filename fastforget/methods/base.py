@@ -145,3 +145,128 @@ def check_number(name: str, cfg: dict, key: str, lo: float | None = None, strict
         if hi is not None and v > hi:
             raise InputError(f"{name}: option {key!r} must be <= {hi}, got {v}")
         cfg[key] = v
+
+
+# ---------------------------------------------------------------- typed configs (one definition per option)
+@dataclass(frozen=True)
+class Option:
+    """One option of a method: its default, what values it takes, and why the default is what it is.
+
+    kind: "int" | "float" | "bool" | "choice" | "names" (a non-empty list of strings; a string is one name)
+    | "pair" (a number or a (low, high) pair, low <= high) | "any" (not checked here). `lo` / `hi` bound
+    numbers (`strict`: lo excluded); `choices` lists a choice's values; `source` says whose value the default
+    is ("paper", "public code", "ours")."""
+
+    default: object
+    kind: str
+    reason: str
+    lo: float | None = None
+    hi: float | None = None
+    strict: bool = False
+    choices: tuple = ()
+    source: str = "ours"
+
+    def check(self, method: str, key: str, v):
+        if self.kind == "any":
+            return v
+        if self.kind == "int":
+            cfg = {key: v}
+            check_int(method, cfg, key, int(self.lo) if self.lo is not None else -2 ** 62,
+                      int(self.hi) if self.hi is not None else None)
+            return cfg[key]
+        if self.kind == "float":
+            cfg = {key: v}
+            check_number(method, cfg, key, self.lo, self.strict, self.hi)
+            return cfg[key]
+        if self.kind == "bool":
+            if not isinstance(v, (bool, np.bool_)):
+                raise InputError(f"{method}: option {key!r} must be True or False, got {v!r}")
+            return bool(v)
+        if self.kind == "choice":
+            if not isinstance(v, str) or v not in self.choices:  # an array would compare elementwise
+                raise InputError(f"{method}: option {key!r} must be one of {', '.join(map(repr, self.choices))}, "
+                                 f"got {v!r}")
+            return v
+        if self.kind == "names":
+            v = [v] if isinstance(v, str) else v
+            if not isinstance(v, (list, tuple)) or not v or not all(isinstance(s, str) and s for s in v):
+                raise InputError(f"{method}: option {key!r} must be a non-empty list of names, got {v!r}")
+            return list(v)
+        if self.kind == "pair":
+            try:
+                if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+                    lo, hi = float(v), float(v)
+                elif isinstance(v, str) or any(isinstance(x, bool) for x in v):
+                    raise TypeError
+                else:
+                    lo, hi = map(float, v)
+            except (TypeError, ValueError, OverflowError):
+                raise InputError(f"{method}: option {key!r} must be a number or a (low, high) pair, got {v!r}") from None
+            floor = self.lo if self.lo is not None else -float("inf")
+            ceil = self.hi if self.hi is not None else float("inf")
+            if not (np.isfinite(lo) and np.isfinite(hi) and floor <= lo <= hi <= ceil):
+                raise InputError(f"{method}: option {key!r} must satisfy {floor} <= low <= high <= {ceil}, got {v!r}")
+            return [lo, hi]
+        raise ValueError(f"unknown option kind {self.kind!r}")  # pragma: no cover - a programming error
+
+    def describe_range(self) -> str:
+        if self.kind in ("int", "float", "pair"):
+            lo = "" if self.lo is None else (f"> {self.lo:g}" if self.strict else f">= {self.lo:g}")
+            hi = "" if self.hi is None else f"<= {self.hi:g}"
+            return " and ".join(x for x in (lo, hi) if x) or "any"
+        if self.kind == "choice":
+            return " \\| ".join(f"`{c}`" for c in self.choices)
+        return {"bool": "True / False", "names": "list of module names", "any": "see docs"}[self.kind]
+
+
+class MethodConfig:
+    """A method's options, each defined once (`Option`): validation, defaults, metadata and the README table
+    all come from here."""
+
+    def __init__(self, method: str, options: dict):
+        self.method = method
+        self.options = dict(options)
+
+    @property
+    def defaults(self) -> dict:
+        return {k: o.default for k, o in self.options.items()}
+
+    def resolve(self, options: dict, allowed=None) -> dict:
+        """Defaults + `options`, each checked; names outside `allowed` (default: all) raise InputError."""
+        cfg = merge_options(self.method, self.defaults, options, allowed)
+        for k in list(cfg):
+            if k in options or self.options[k].default is not None:
+                cfg[k] = self.options[k].check(self.method, k, cfg[k])
+        return cfg
+
+    def table(self) -> str:
+        """The options as a markdown table (README)."""
+        rows = ["| option | default | range | source | why |", "|---|---|---|---|---|"]
+        for k, o in self.options.items():
+            rows.append(f"| `{k}` | `{o.default!r}` | {o.describe_range()} | {o.source} | {o.reason} |")
+        return "\n".join(rows)
+
+
+def check_request(name: str, request: ErasureRequest, *, anchors: bool = False, dim: int = 512) -> None:
+    """The request a method receives: non-empty (N, dim) targets (and, with `anchors`, one anchor per target)."""
+    t, a = request.targets, request.anchors
+    if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[1] != dim or len(t) == 0:
+        raise InputError(f"{name}: request.targets must be a non-empty (N, {dim}) tensor")
+    if anchors and (not isinstance(a, torch.Tensor) or tuple(a.shape) != tuple(t.shape)):
+        raise InputError(f"{name}: request.anchors must have the shape of request.targets {tuple(t.shape)}, "
+                         f"got {tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}")
+
+
+def patch_metadata(name: str, cfg: dict, request: ErasureRequest, seed: int, *, anchors: bool = True,
+                   **extra) -> dict:
+    """The metadata every method's Patch carries: method, resolved config, seed, salted fingerprints of the
+    targets (and anchors), library version, plus the method's own fields. Never raw embeddings."""
+    from fastforget import __version__
+    from fastforget.patch import fingerprint_embeddings
+
+    meta = {"method": name, "config": cfg, "seed": seed,
+            "targets": fingerprint_embeddings(request.targets, request.salt), "version": __version__}
+    if anchors:
+        meta["anchors"] = fingerprint_embeddings(request.anchors, request.salt)
+    meta.update(extra)
+    return meta

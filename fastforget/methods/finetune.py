@@ -51,16 +51,16 @@ embeddings.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 import torch.nn.functional as F
 
 from fastforget.errors import InputError
-from fastforget.methods.base import (MAX_BATCH, MAX_LR, ErasureRequest, check_int, check_number, merge_options,
-                                     register_method)
-from fastforget.patch import Patch, fingerprint_embeddings
+from fastforget.methods.base import (MAX_BATCH, MAX_LR, ErasureRequest, MethodConfig, Option, check_request,
+                                     patch_metadata, register_method)
+from fastforget.methods.student import train_student
+from fastforget.patch import Patch
 
 EMBED_DIM = 512
 PIU_FRACTION = 9 / 16  # PIU trains 9 of SD-1.5's 16 attn2 modules
@@ -68,20 +68,34 @@ PIU_SD15_BLOCKS = ("down_blocks.2.", "mid_block.", "up_blocks.1.", "up_blocks.2.
 JITTER_COS = 0.9
 MAX_CACHED_RETAIN = 4096
 
-PIU_DEFAULTS = {"steps": 400, "lr": 1e-4, "weight_decay": 0.01, "micro_batch": 16, "accumulation": 2,
-                "eta": 1.0, "lambda_p": 10.0, "layers": "auto"}
-ESD_X_DEFAULTS = {"steps": 1000, "lr": 1e-5, "eta": 1.0, "micro_batch": 16}
+def _layers_option(default: str, reason: str, source: str) -> Option:
+    return Option(default, "any", reason, source=source)
+
+
+PIU_CONFIG = MethodConfig("piu", {
+    "steps": Option(400, "int", "PIU's schedule (runner.py)", lo=1, source="paper"),
+    "lr": Option(1e-4, "float", "PIU's AdamW learning rate", lo=0.0, strict=True, hi=MAX_LR, source="paper"),
+    "weight_decay": Option(0.01, "float", "PIU's AdamW weight decay", lo=0.0, source="paper"),
+    "micro_batch": Option(16, "int", "PIU's micro-batch", lo=1, hi=MAX_BATCH, source="paper"),
+    "accumulation": Option(2, "int", "PIU's gradient accumulation (effective batch 32)", lo=1, source="paper"),
+    "eta": Option(1.0, "float", "guidance away from the target toward the anchor (PIU's η)", source="paper"),
+    "lambda_p": Option(10.0, "float", "weight of the preservation term (PIU's λ_p)", lo=0.0, source="paper"),
+    "layers": _layers_option("auto", "PIU's 9 identity-sensitive attn2 of SD-1.5; elsewhere the same fraction "
+                             "ranked by identity sensitivity", "paper"),
+})
+ESD_X_CONFIG = MethodConfig("esd_x", {
+    "steps": Option(1000, "int", "ESD's schedule", lo=1, source="paper"),
+    "lr": Option(1e-5, "float", "ESD's Adam learning rate", lo=0.0, strict=True, hi=MAX_LR, source="paper"),
+    "eta": Option(1.0, "float", "negative guidance scale (ESD's η)", source="paper"),
+    "micro_batch": Option(16, "int", "PIU's batch for its ESD-x baseline", lo=1, hi=MAX_BATCH, source="paper"),
+})
+PIU_DEFAULTS = PIU_CONFIG.defaults
+ESD_X_DEFAULTS = ESD_X_CONFIG.defaults
 
 
 # ---------------------------------------------------------------- options
-def _resolve_options(name: str, defaults: dict, options: dict) -> dict:
-    cfg = merge_options(name, defaults, options)
-    for key in ("steps", "micro_batch", "accumulation"):
-        check_int(name, cfg, key, maximum=MAX_BATCH if key == "micro_batch" else None)
-    check_number(name, cfg, "lr", 0.0, strict=True, hi=MAX_LR)
-    for key in ("weight_decay", "lambda_p"):
-        check_number(name, cfg, key, 0.0)
-    check_number(name, cfg, "eta")
+def _resolve_options(name: str, config: MethodConfig, options: dict) -> dict:
+    cfg = config.resolve(options)
     if "layers" in cfg:
         v = cfg["layers"]
         if isinstance(v, (list, tuple)):
@@ -93,15 +107,6 @@ def _resolve_options(name: str, defaults: dict, options: dict) -> dict:
             raise InputError(f"{name}: option 'layers' must be 'auto', 'x', 'full' or a list of attn2 module "
                              f"names, got {v!r}")
     return cfg
-
-
-def _check_request(name: str, request: ErasureRequest) -> None:
-    t, a = request.targets, request.anchors
-    if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[1] != EMBED_DIM or len(t) == 0:
-        raise InputError(f"{name}: request.targets must be a non-empty (N, {EMBED_DIM}) tensor")
-    if not isinstance(a, torch.Tensor) or tuple(a.shape) != tuple(t.shape):
-        raise InputError(f"{name}: request.anchors must have the shape of request.targets {tuple(t.shape)}, "
-                         f"got {tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}")
 
 
 # ---------------------------------------------------------------- layer choice
@@ -295,57 +300,20 @@ def _install_fused(unet, model, device) -> str | None:
 
 def _train(name: str, model, request: ErasureRequest, *, cfg: dict, seed: int, progress: bool,
            modules: list[str] | None, loss_fn, extra_meta: dict) -> Patch:
-    """Shared loop: AdamW on the chosen params of a UNet copy; returns the Patch of the changed tensors."""
-    from tqdm import tqdm
+    """The shared student loop (fastforget.methods.student) on the chosen attn2 modules; the Patch of the
+    changed tensors, with the shared metadata."""
+    fused = {}
 
-    from fastforget import __version__
+    def prepare(student):
+        fused["backend"] = _install_fused(student, model, model.device)
 
-    device = model.device
-    teacher = model.unet  # frozen; only run forward under no_grad
-    student = copy.deepcopy(teacher).float()
-    student.train(False)
-    student.requires_grad_(False)
-    if modules is None:
-        params = dict(student.named_parameters())
-    else:
-        params = {f"{m}.{p}": t for m in modules for p, t in student.get_submodule(m).named_parameters()}
-    for t in params.values():
-        t.requires_grad_(True)
-    fused = _install_fused(student, model, device)
-
-    accumulation = cfg.get("accumulation", 1)
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
-    history: dict[str, list] = {}
-    bar = tqdm(range(cfg["steps"]), desc=name, disable=not progress, leave=False)
-    for _ in bar:
-        opt.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        for _micro in range(accumulation):
-            loss, parts = loss_fn(student, teacher)
-            (loss / accumulation).backward()
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / accumulation
-        opt.step()
-        for k, v in totals.items():
-            history.setdefault(k, []).append(round(v, 7))
-        bar.set_postfix({k: f"{v:.4f}" for k, v in totals.items()})
-    bar.close()
-
-    new = {}
-    originals = dict(teacher.named_parameters())
-    with torch.no_grad():
-        for pname, t in params.items():
-            orig = originals[pname]
-            value = t.detach().to(orig.dtype)
-            if not torch.equal(value, orig):
-                new[f"unet.{pname}"] = value.cpu()
-    meta = {"method": name, "config": cfg, "seed": seed,
-            "targets": fingerprint_embeddings(request.targets, request.salt),
-            "anchors": fingerprint_embeddings(request.anchors, request.salt),
-            "version": __version__, "trainable_modules": modules if modules is not None else "full",
-            "trainable_parameters": sum(t.numel() for t in params.values()),
-            "fused_attention": fused, "loss": history, **extra_meta}
-    return Patch.from_edit(model, new, meta)
+    res = train_student(model.unet, modules, loss_fn, steps=cfg["steps"], lr=cfg["lr"],
+                        weight_decay=cfg.get("weight_decay", 0.0), accumulation=cfg.get("accumulation", 1),
+                        progress=progress, desc=name, prepare=prepare)
+    meta = patch_metadata(name, cfg, request, seed, trainable_modules=modules if modules is not None else "full",
+                          trainable_parameters=res.trainable_parameters, fused_attention=fused.get("backend"),
+                          loss=res.history, **extra_meta)
+    return Patch.from_edit(model, res.new, meta)
 
 
 def _teacher_eps(teacher, x, t, c):
@@ -355,12 +323,12 @@ def _teacher_eps(teacher, x, t, c):
 
 
 # ---------------------------------------------------------------- methods
-@register_method("piu", validate=lambda o: _resolve_options("piu", PIU_DEFAULTS, o),
+@register_method("piu", validate=lambda o: _resolve_options("piu", PIU_CONFIG, o),
                  requires=("condition", "attn2_modules"))
 def fit_piu(model, request: ErasureRequest, *, seed: int = 0, progress: bool = True, **options) -> Patch:
     """PIU: guided erasure toward each target's anchor on the identity-sensitive attn2, with preservation."""
-    cfg = _resolve_options("piu", PIU_DEFAULTS, options)
-    _check_request("piu", request)
+    cfg = _resolve_options("piu", PIU_CONFIG, options)
+    check_request("piu", request, anchors=True)
     modules, layer_info = resolve_layers(model, cfg["layers"], seed=seed)
     gen = torch.Generator().manual_seed(int(seed))
     sched = _ddpm(model)
@@ -401,12 +369,12 @@ def fit_piu(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
                   loss_fn=loss_fn, extra_meta=extra)
 
 
-@register_method("esd_x", validate=lambda o: _resolve_options("esd_x", ESD_X_DEFAULTS, o),
+@register_method("esd_x", validate=lambda o: _resolve_options("esd_x", ESD_X_CONFIG, o),
                  requires=("condition", "attn2_modules"))
 def fit_esd_x(model, request: ErasureRequest, *, seed: int = 0, progress: bool = True, **options) -> Patch:
     """ESD-x baseline: negative guidance away from each target toward the null prompt, all attn2, no preservation."""
-    cfg = _resolve_options("esd_x", ESD_X_DEFAULTS, options)
-    _check_request("esd_x", request)
+    cfg = _resolve_options("esd_x", ESD_X_CONFIG, options)
+    check_request("esd_x", request, anchors=True)
     modules, _ = resolve_layers(model, "x")
     gen = torch.Generator().manual_seed(int(seed))
     sched = _ddpm(model)
