@@ -27,6 +27,7 @@ from .dispatch import ANY_DEVICE, HAS_TRITON, KernelBackendError, register, requ
 
 U32 = 2.0 ** -24  # unit roundoff of float32
 U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
+U_OUT = 1.01 * U_BF16  # bf16 matmul output rounding, relative to the rounded value
 NORM_EPS = 1e-12  # as F.normalize: x / max(|x|, eps), so a zero row scores 0
 MAX_TRITON_K = 128
 CANDIDATE_CAP = 16384  # candidates per query before it is searched exactly instead
@@ -245,6 +246,8 @@ class _QueryBlock:
             self.op = qi.to(torch.int8)
         else:
             self.op = self.q32.to(torch.bfloat16) if fmt == "bf16" else self.q32
+        if fmt == "bf16":  # |bf16(q) - q|, exact enough in float64: the bf16 pass's input error on this side
+            self.dq = torch.linalg.vector_norm(self.op.to(torch.float64) - qb, dim=1) * (1.0 + 1e-12)
         n = len(rows)
         self.best_lo = torch.full((n, k), float("-inf"), dtype=torch.float64, device=q64.device)
         self.hits: list[tuple] = []  # (local query, gallery index, lo, hi)
@@ -328,6 +331,9 @@ class _Bf16Tile:
             s = scale if scale is not None else torch.ones_like(nrm)
             self.gn = float((nrm * s.abs()).max()) * (1.0 + 2 * rel) if len(nrm) else 0.0
         self.s = s
+        # |bf16(r) - r| <= rho |r| per row: bf16 holds int8 exactly, else relative rounding u_bf16
+        self.rho = 0.0 if rows.dtype == torch.int8 else U_BF16
+        self.theta = 0.0 if not normalize else rel  # relative error of s_j = 1 / |r_j| in fp32
         pos = s[s > 0]
         self.s_max = float(pos.max()) if pos.numel() else 0.0
         self.s_min = float(pos.min()) if pos.numel() else 1.0
@@ -340,8 +346,20 @@ class _Bf16Tile:
         return r.to(torch.float32)
 
     def approx(self, block: "_QueryBlock", D):
-        eps = _eps_bf16(D) * block.qn * self.gn + 1e-30
-        return block.op @ self.op.T, eps
+        """X (Qb, T) bf16 and per query E with |s_j X_j - score_j| <= U_OUT |s_j X_j| + E.
+
+        X~ = bf16(acc) for the fp32 sum acc of exact products of q_b = bf16(q), r_b = bf16(r):
+        |X~ - acc| <= u_b |X~| (round to nearest), |acc - q_b.r_b| <= gamma_D |q_b| |r_b|,
+        |q_b.r_b - q.r| <= |dq| |r| + |q_b| rho |r|. With |q_b| <= |q| + |dq|, |r_b| <= (1 + rho) |r|
+        and s_j = (1 + theta) / |r_j| (normalize; else s_j |r_j| <= gn), per query:
+        E = gn (1 + theta) [gamma_D (|q| + |dq|)(1 + rho) + |dq| + (|q| + |dq|) rho] + gn theta |q|.
+        Tighter than _eps_bf16 (which spends u_b |q| on the output and u_b |q| on bf16(q)): the output
+        rounding scales with the score (~0.2 at the top-k, not 1), and |dq| is measured, not bounded."""
+        qn, dq = block.qn, block.dq
+        gamma = 1.01 * D * U32
+        E = self.gn * (1 + self.theta) * (gamma * (qn + dq) * (1 + self.rho) + dq + (qn + dq) * self.rho) \
+            + self.gn * self.theta * qn
+        return block.op @ self.op.T, E * (1.0 + 1e-6) + 1e-30
 
     def approx_fp32(self, block: "_QueryBlock", D):
         """Dense fp32 scores of the whole tile, and their bound."""
@@ -364,9 +382,11 @@ class _Bf16Tile:
         return s.to(torch.float64), _eps_fp32(D) * block.qn[rows] * self.gn + 1e-30
 
     def x_threshold(self, t):
-        """Per query: the lowest X that may have s_j * X >= t for some row of this tile, as bf16, rounded down."""
+        """Per query: the lowest X that may have s_j X + U_OUT |s_j X| >= t for some row of this tile (t =
+        L - E), as bf16, rounded down."""
         if self.s_max is None:
             return torch.full_like(t, float("-inf"))
+        t = torch.where(t > 0, t / (1 + U_OUT), t / (1 - U_OUT))
         tx = torch.where(t > 0, t / self.s_max if self.s_max > 0 else torch.full_like(t, float("inf")),
                          t / self.s_min)
         return _to_x_threshold(tx, torch.ones_like(tx), torch.empty(0, dtype=torch.bfloat16))
@@ -398,9 +418,9 @@ def _scan_block_bf16(block, tile: _Bf16Tile, D, n0, exclude, first):
         L = X.topk(k, dim=1).values[:, -1].to(torch.float64) - eps if X.shape[1] >= k else block.threshold()
         dense = True
     else:
-        X, eps_b = tile.approx(block, D)
+        X, E = tile.approx(block, D)
         _exclude(X, block, n0, exclude)
-        rows, cols = _bf16_hits(X, tile.x_threshold(block.threshold() - eps_b))
+        rows, cols = _bf16_hits(X, tile.x_threshold(block.threshold() - E))
         dense = rows.numel() > X.numel() // 160  # early tiles: one dense fp32 product is cheaper
         if dense:
             X, eps = tile.approx_fp32(block, D)
