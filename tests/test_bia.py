@@ -17,7 +17,8 @@ from fastforget.patch import fingerprint_embeddings
 # small enough for a CPU test run; the defaults are the paper's (M = 128, 40 steps, t0 = 500)
 TINY = {"neighbours": 16, "inversion_steps": 5, "decode_steps": 5, "k_nearest": 3, "halvings": 1, "chunk": 32,
         "rebalance_tries": 0}
-TINY_ABSORB = {**TINY, "steps": 3, "n_sources": 2, "absorb_codes": 2, "n_preserve": 2, "batch": 4, "source_steps": 4}
+TINY_ABSORB = {**TINY, "steps": 3, "n_sources": 2, "absorb_codes": 2, "n_preserve": 2, "n_random": 1, "batch": 4,
+               "source_steps": 4}
 
 
 def _emb(n, seed):
@@ -185,16 +186,17 @@ def test_edit_accepts_image_tensors_on_unconditional_unet(tiny_uncond, encoder):
 def test_absorb_patch_scope_and_input_unchanged(absorb_patch, tiny_cond, request_):
     patch, before, after = absorb_patch
     assert before == after  # the input model is never modified
-    assert patch.names and all(n.startswith("unet.up_blocks.0.resnets.") for n in patch.names)
+    assert patch.names and all(n.startswith("unet.up_blocks.") for n in patch.names)
     meta = patch.metadata
     assert meta["method"] == "bia" and meta["mode"] == "absorb"
     assert meta["targets"] == fingerprint_embeddings(request_.targets, "bia-salt")
+    assert meta["anchors"] == fingerprint_embeddings(request_.anchors, "bia-salt")
     assert set(bia.BIA_DEFAULTS) == set(meta["config"]) and meta["config"]["steps"] == 3
     assert meta["config"]["encoder"] == "testbed-arcface"
     text = json.dumps(meta, default=str)
     assert f"{request_.targets[0, 0].item():.6f}" not in text  # no raw embedding values
     assert len(meta["loss"]["erase"]) == 3 and len(meta["loss"]["keep"]) == 3
-    assert 0 <= meta["regions"][0]["svm_accuracy"] <= 1
+    assert len(meta["absorb_target_cos"]) == 1 and meta["erase_points"] > 0 and meta["keep_points"] > 0
     erased = tiny_cond.clone()
     patch.apply(erased)
     x = erased.generate_tensor(request_.targets, seed=0, steps=2)
@@ -220,16 +222,19 @@ def test_absorb_unconditional_unet2d_with_source_images(tiny_uncond, encoder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         patch = get_method("bia")(tiny_uncond, req, seed=0, progress=False, encoder=encoder,
-                                  source_images=torch.cat([_image(9), _image(10)]),
+                                  source_images=torch.cat([_image(9), _image(10)]), absorb_target="push",
                                   trainable=["up_blocks.0.resnets.0"], **{**TINY_ABSORB, "n_sources": 1})
     assert _state_hash(tiny_uncond.unet) == before
     assert patch.names and all(n.startswith("unet.up_blocks.0.resnets.0.") for n in patch.names)
     assert patch.metadata["config"]["source_images"].startswith("given (2 images")
+    assert 0 <= patch.metadata["regions"][0]["svm_accuracy"] <= 1
     erased = tiny_uncond.clone()
     patch.apply(erased)
     patch.revert(erased)
     assert _state_hash(erased.unet) == before
     with pytest.raises(InputError, match="cannot render the targets"):
+        get_method("bia")(tiny_uncond, req, progress=False, encoder=encoder, absorb_target="push", **TINY_ABSORB)
+    with pytest.raises(InputError, match="absorb_target='anchor'"):
         get_method("bia")(tiny_uncond, req, progress=False, encoder=encoder, **TINY_ABSORB)
 
 
@@ -244,6 +249,8 @@ def test_absorb_unconditional_unet2d_with_source_images(tiny_uncond, encoder):
     ({"trainable": []}, "trainable"),
     ({"trainable": ["up_blocks.9"]}, "up_blocks.9"),
     ({"mode": "edit"}, "bia_edit"),
+    ({"absorb_target": "x0"}, "absorb_target"),
+    ({"sigma": 0.15}, "sigma"),  # it cancelled in normalize(σ·N(0, I)); the option is gone
 ])
 def test_bad_options_raise_input_error(tiny_cond, request_, encoder, opts, match):
     with pytest.raises(InputError, match=match):
