@@ -43,6 +43,10 @@ log = logging.getLogger("fastforget")
 LEDGER_FORMAT = "fastforget.ledger/1"
 STATS_FORMAT = "fastforget.batch-statistics/1"
 REQUEST_FIELDS = ("id", "targets", "retain")
+STRUCTURES = ("kv", "mlp")
+# "mlp": measured on the testbed (benchmarks/batch_capacity.py); its key space holds more identities than the
+# D x D map, and preserved rows must be held harder there (their keys overlap the targets' more)
+MLP_DEFAULTS = {"preserve_weight": 2.0, "neighbours": 0}
 MAX_ID_LENGTH = 200
 # identities the erased model drew from at the id-token: a preservation row this close to a target is the target
 DROP_COS = 0.9
@@ -241,8 +245,13 @@ class BatchStatistics:
     def ids(self, status: str | None = None) -> list[str]:
         return [r.id for r in self.requests if status is None or r.status == status]
 
+    @property
+    def structure(self) -> str:
+        return self.config.get("structure", "kv")
+
     def normal_equations(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, M) of the closed form over the current requests; withdrawn requests' rows are held fixed."""
+        """(A, M) of the closed form over the current requests; withdrawn requests' rows are held fixed.
+        structure "mlp": (A, B) with B = w_e Σ Rᵀ K (the residual each key must add), held rows add nothing."""
         cfg, d = self.config, self.d
         eye = torch.eye(d, dtype=torch.float64)
         w_e, w_p = cfg["erase_weight"], cfg["preserve_weight"]
@@ -256,7 +265,8 @@ class BatchStatistics:
             s = self.drops[idx].double()
             held -= s.T @ s
         gtt = torch.zeros(d, d, dtype=torch.float64)
-        gat = torch.zeros(d, d, dtype=torch.float64)
+        mlp = self.structure == "mlp"
+        gat = torch.zeros(self.dst_dim if mlp else d, d, dtype=torch.float64)
         named = torch.zeros(d, d, dtype=torch.float64)
         for r in self.requests:
             if r.status == "erased":
@@ -267,11 +277,18 @@ class BatchStatistics:
             if r.retain is not None:
                 named += _xtx(r.retain)
         a = cfg["lam"] * eye + w_e * gtt + w_p * held + w_r * named
+        if mlp:
+            return a, w_e * gat
         m = cfg["lam"] * eye + w_e * gat + w_p * held + w_r * named
         return a, m
 
+    @property
+    def dst_dim(self) -> int:
+        return next((r.dst.shape[1] for r in self.requests), self.d)
+
     def solve(self) -> torch.Tensor:
-        """T (d, d) float64 with W = W0 T for every attn2 to_k / to_v."""
+        """kv: T (d, d) float64 with W = W0 T for every attn2 to_k / to_v; mlp: Δ (width, d) with
+        fc2 = fc2_0 + Δ."""
         from fastforget.errors import FitError
 
         a, m = self.normal_equations()
@@ -357,6 +374,88 @@ def _states(model, emb: torch.Tensor, batch: int = STATE_BATCH, progress: bool =
                                     disable=not progress or len(emb) <= batch, leave=False)])
 
 
+def mlp_name(model) -> str:
+    """The one tensor the "mlp" structure edits: the last text-encoder layer's MLP output projection."""
+    n = len(model.text_encoder.text_model.encoder.layers)
+    return f"text_encoder.text_model.encoder.layers.{n - 1}.mlp.fc2.weight"
+
+
+@torch.no_grad()
+def _mlp_features(model, emb: torch.Tensor, batch: int = STATE_BATCH, progress: bool = False):
+    """(N, 512) -> keys (N*L, width) float32 = the last MLP's hidden activations (fc2's input), and the
+    residual stream after the last layer (N*L, d) float32 (before the final layer norm)."""
+    from tqdm import tqdm
+
+    layer = model.text_encoder.text_model.encoder.layers[-1]
+    got = {}
+    hooks = [layer.mlp.fc2.register_forward_hook(lambda m, i, o: got.__setitem__("k", i[0])),
+             layer.register_forward_hook(lambda m, i, o: got.__setitem__("r", o[0] if isinstance(o, tuple) else o))]
+    keys, res = [], []
+    try:
+        for i in tqdm(range(0, len(emb), batch), desc="erase_batch: text-encoder keys",
+                      disable=not progress or len(emb) <= batch, leave=False):
+            model.condition(emb[i:i + batch])
+            keys.append(got["k"].float().cpu().reshape(-1, got["k"].shape[-1]))
+            res.append(got["r"].float().cpu().reshape(-1, got["r"].shape[-1]))
+    finally:
+        for h in hooks:
+            h.remove()
+    if not keys:
+        width = layer.mlp.fc2.in_features
+        return torch.zeros(0, width), torch.zeros(0, model.text_width)
+    return torch.cat(keys), torch.cat(res)
+
+
+def _rows_x(model, emb, structure: str, progress: bool = False) -> torch.Tensor:
+    """What the edited layer reads: kv -> text-encoder states; mlp -> the last MLP's keys."""
+    return _states(model, emb, progress=progress) if structure == "kv" else _mlp_features(model, emb,
+                                                                                         progress=progress)[0]
+
+
+_KEY_GRAMS: dict = {}
+
+
+def _base_gram(model, pres_emb, structure: str) -> torch.Tensor:
+    """Null condition + preservation set, Σ x xᵀ in float64 (kv: closed_form's cached Gram)."""
+    if structure == "kv":
+        from fastforget.methods.closed_form import _gram
+
+        null = model.null_condition(1).double().cpu().reshape(-1, model.text_width)
+        g = null.T @ null
+        return g + _gram(model, pres_emb, disk=True) if pres_emb is not None and len(pres_emb) else g
+    import hashlib
+
+    from fastforget.identity.preservation import load_cached_tensor, save_cached_tensor
+    from fastforget.models.registry import module_fingerprint
+
+    with torch.no_grad():
+        layer = model.text_encoder.text_model.encoder.layers[-1]
+        got = {}
+        h = layer.mlp.fc2.register_forward_hook(lambda m, i, o: got.__setitem__("k", i[0]))
+        try:
+            model.text_encoder(model._null_ids)
+        finally:
+            h.remove()
+        null = got["k"].double().reshape(-1, got["k"].shape[-1])
+    g = null.T @ null
+    if pres_emb is None or not len(pres_emb):
+        return g
+    key = hashlib.sha256((module_fingerprint(model.text_encoder) + str(tuple(model._prompt_ids[0].tolist()))
+                          + "mlp-keys").encode() + pres_emb.detach().float().cpu().numpy().tobytes()).hexdigest()
+    kg = _KEY_GRAMS.get(key)
+    if kg is None:
+        kg = load_cached_tensor("gram-mlp", key)
+    if kg is None:
+        kg = torch.zeros_like(g)
+        for i in range(0, len(pres_emb), STATE_BATCH):
+            k = _mlp_features(model, pres_emb[i:i + STATE_BATCH])[0].double()
+            kg += k.T @ k
+        save_cached_tensor("gram-mlp", key, kg)
+    _KEY_GRAMS.clear()
+    _KEY_GRAMS[key] = kg
+    return g + kg
+
+
 def _request_rows(req: BatchRequest, anchors: torch.Tensor, cfg: dict, seed: int):
     """Source and destination embeddings of a request's rows: each target and its neighbours, sent to the
     target's anchor (closed_form's `neighbour_map`: "transport" sends t + δ to a + δ)."""
@@ -438,7 +537,11 @@ def _build(base, stats: BatchStatistics, method: str, anchors=None, t_solve: flo
 
     t0 = time.perf_counter()
     tmap = stats.solve()
-    new = {n: (get_parameter(base, n).detach().double().cpu() @ tmap).float() for n in attn2_kv_names(base)}
+    if stats.structure == "mlp":
+        name = mlp_name(base)
+        new = {name: (get_parameter(base, name).detach().double().cpu() + tmap).float()}
+    else:
+        new = {n: (get_parameter(base, n).detach().double().cpu() @ tmap).float() for n in attn2_kv_names(base)}
     if not all(torch.isfinite(v).all() for v in new.values()):
         from fastforget.errors import FitError
 
@@ -451,7 +554,7 @@ def _build(base, stats: BatchStatistics, method: str, anchors=None, t_solve: flo
     erased = base.clone(only=patch.names)
     patch.apply(erased)
     solve_s = time.perf_counter() - t0
-    report = Report(_state_metrics(_kv_stack(base), tmap, stats),
+    report = Report(_state_metrics(base, tmap, stats),
                     {"method": method, "requests": len(erased_ids), "withdrawn": len(stats.ids("withdrawn")),
                      "fit_seconds": t_solve + solve_s, "patch_fingerprint": patch.fingerprint(),
                      "preservation": stats.preserve,
@@ -462,14 +565,19 @@ def _build(base, stats: BatchStatistics, method: str, anchors=None, t_solve: flo
     return BatchResult(erased, patch, report, _ledger(stats, patch, method), stats, base, anchors)
 
 
-def _state_metrics(w0: torch.Tensor, tmap: torch.Tensor, stats: BatchStatistics) -> dict:
-    delta = w0 @ (tmap - torch.eye(len(tmap), dtype=torch.float64))    # W - W0
+def _state_metrics(base, tmap: torch.Tensor, stats: BatchStatistics) -> dict:
+    if stats.structure == "mlp":  # rows: keys -> the residual they must add; the edit is Δ itself
+        delta = tmap
+    else:
+        w0 = _kv_stack(base)
+        delta = w0 @ (tmap - torch.eye(len(tmap), dtype=torch.float64))    # W - W0
     res, scale, held, withdrawn = [], [], [], []
     for r in stats.requests:
         src, dst = r.src.double(), r.dst.double()
-        gap = (src - dst) @ w0.T
+        gap = dst if stats.structure == "mlp" else (src - dst) @ w0.T   # what the edit must add per row
         if r.status == "erased":
-            res.append(((src @ (w0 + delta).T - dst @ w0.T).norm() / gap.norm().clamp_min(1e-12)).item())
+            res.append(((src @ delta.T - (gap if stats.structure == "mlp" else -gap)).norm()
+                        / gap.norm().clamp_min(1e-12)).item())
             scale.append(gap.norm(dim=1).mean().item())
         else:
             withdrawn.append(((src @ delta.T).norm(dim=1).mean()).item())
@@ -507,12 +615,17 @@ def _is_previous(model) -> bool:
 
 
 def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto", progress: bool = True,
-                salt: str | None = None, anchor_tau: float = 0.2, **options) -> BatchResult:
+                structure: str = "kv", salt: str | None = None, anchor_tau: float = 0.2,
+                **options) -> BatchResult:
     """Erase every request of a deletion queue in ONE closed-form solve (see the module docstring).
 
     `model`: a model (or anything ff.load takes) for a fresh queue, or a previous BatchResult / saved batch
     folder to add `requests` to it incrementally (only the new requests' states are computed; the result
-    equals one solve over all of them). `options` are closed_form's (erase_weight, neighbours, ...)."""
+    equals one solve over all of them). `options` are closed_form's (erase_weight, neighbours, ...).
+
+    `structure`: "kv" (default) is closed_form's D x D map on every attn2 to_k / to_v; "mlp" is the same
+    least squares on the last text-encoder MLP's output projection, keyed by its hidden activations (a
+    wider, nonlinear key space: see README "Deletion queue", capacity). Its defaults: MLP_DEFAULTS."""
     from fastforget.identity.anchors import select_anchors
     from fastforget.identity.encoder import resolve_encoder
     from fastforget.methods.base import validate_options
@@ -527,6 +640,8 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
     if not isinstance(progress, bool):
         raise InputError(f"progress: expected True or False, got {progress!r}")
     anchor_tau = check_float(anchor_tau, "anchor_tau")
+    if structure not in STRUCTURES:
+        raise InputError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
     validate_options("closed_form", options)
     reqs = parse_requests(requests)
     previous = _is_previous(model)
@@ -541,8 +656,12 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
         if salt is not None and check_salt(salt) != old.salt:
             raise InputError("salt: differs from the batch being extended (its fingerprints would not match)")
         cfg, salt, seed = old.config, old.salt, old.seed
+        if encoder is None and old.preserve.get("kind") == "testbed":  # a saved copy of the testbed: its encoder
+            encoder = "demo"
+        structure = old.structure
     else:
-        cfg = _resolve("closed_form", CLOSED_FORM_DEFAULTS, dict(options))
+        defaults = {**CLOSED_FORM_DEFAULTS, **(MLP_DEFAULTS if structure == "mlp" else {})}
+        cfg = {**_resolve("closed_form", defaults, dict(options)), "structure": structure}
         salt = check_salt(DEFAULT_SALT if salt is None else salt)
         base = load(model)
         old = None
@@ -561,12 +680,16 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
 
     t0 = time.perf_counter()
     from fastforget.api import _resolve_preserve
-    from fastforget.methods.closed_form import _gram
     from fastforget.models.registry import module_fingerprint
 
     text_fp = module_fingerprint(base.text_encoder)
-    pres = _resolve_preserve(preserve, base, lambda: resolve_encoder(encoder, base, "erase_batch"), seed, progress) \
-        if cfg["use_preserve"] else None
+    if old is not None and old.preserve.get("kind") == "testbed" and isinstance(preserve, str) and preserve == "auto":
+        from fastforget.identity.preservation import testbed_set
+
+        pres = testbed_set(resolve_encoder(encoder, base, "erase_batch"))
+    else:
+        pres = _resolve_preserve(preserve, base, lambda: resolve_encoder(encoder, base, "erase_batch"), seed,
+                                 progress) if cfg["use_preserve"] else None
     if old is not None:
         if old.text_encoder != text_fp:
             raise InputError("model: the batch folder's model is not the one its statistics were computed on")
@@ -578,12 +701,8 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
         stats = copy.copy(old)  # the batch being extended is not modified
         stats.requests, stats.drops = list(old.requests), dict(old.drops)
     else:
-        d = base.text_width
-        null = base.null_condition(1).double().cpu().reshape(-1, d)
-        g = null.T @ null
-        if pres is not None and len(pres.embeddings):
-            g = g + _gram(base, pres.embeddings, disk=True)
-        stats = BatchStatistics(cfg, d, g, {}, {"kind": pres.kind, "key": pres.key, "size": len(pres.embeddings)}
+        g = _base_gram(base, pres.embeddings if pres is not None else None, structure)
+        stats = BatchStatistics(cfg, len(g), g, {}, {"kind": pres.kind, "key": pres.key, "size": len(pres.embeddings)}
                                 if pres is not None else {"kind": None, "key": None, "size": 0}, text_fp, salt, seed)
     pool = pres.anchor_pool if pres is not None else None
     all_anchors = []
@@ -601,16 +720,21 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
         if r.retain_emb is not None:
             retains.append(r.retain_emb)
     length = base._prompt_ids.shape[1]
-    states = _states(base, torch.cat(rows), progress=progress).split([len(x) * length for x in rows])
-    ret_states = iter(_states(base, torch.cat(retains)).split([len(x) * length for x in retains])) if retains \
-        else iter(())
+    sizes = [len(x) * length for x in rows]
+    if structure == "kv":
+        states = _states(base, torch.cat(rows), progress=progress).split(sizes)
+    else:  # src rows: their keys; dst rows: the residual the edit must add (dst's stream - src's stream)
+        keys, stream = (t.split(sizes) for t in _mlp_features(base, torch.cat(rows), progress=progress))
+        states = [x for i in range(0, len(rows), 2) for x in (keys[i], stream[i + 1] - stream[i])]
+    ret_states = iter(_rows_x(base, torch.cat(retains), structure).split([len(x) * length for x in retains])) \
+        if retains else iter(())
     gone = set()
     if pres is not None:  # preservation rows that are one of the new targets
         near = (pres.embeddings @ torch.cat([r.target_emb for r in reqs]).T) >= DROP_COS
         owner = torch.cat([torch.full((len(r.target_emb),), i) for i, r in enumerate(reqs)])
         gone = {(int(p), int(owner[t])) for p, t in near.nonzero().tolist()}
         for idx in sorted({p for p, _ in gone} - set(stats.drops)):
-            stats.drops[idx] = _states(base, pres.embeddings[idx:idx + 1])
+            stats.drops[idx] = _rows_x(base, pres.embeddings[idx:idx + 1], structure)
     for i, r in enumerate(reqs):
         stats.requests.append(RequestStatistics(
             r.id, states[2 * i].contiguous(), states[2 * i + 1].contiguous(),
@@ -618,7 +742,7 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
             sorted(p for p, o in gone if o == i), fingerprint_embeddings(r.target_emb, salt), len(r.target_emb),
             stamp))
     t_states = time.perf_counter() - t0
-    res = _build(base, stats, "batch:closed_form", torch.cat(all_anchors) if all_anchors else None, t_states)
+    res = _build(base, stats, f"batch:closed_form:{structure}", torch.cat(all_anchors) if all_anchors else None, t_states)
     log.info("erase_batch: %d request(s) (%d new) in %.2fs", len(stats.ids("erased")), len(reqs),
              res.report.details["fit_seconds"])
     return res
@@ -666,7 +790,7 @@ def withdraw(result_or_folder, request_ids) -> BatchResult:
     stamp = _now()
     for i in ids:
         by_id[i].status, by_id[i].withdrawn_time = "withdrawn", stamp
-    return _build(base, stats, "batch:closed_form")
+    return _build(base, stats, f"batch:closed_form:{stats.structure}")
 
 
 # ---------------------------------------------------------------- CLI

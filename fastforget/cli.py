@@ -505,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fastforget.export.cli import add_export_parser
 
     add_export_parser(sub)
+    from fastforget.batch import add_parser as add_batch_parser
+
+    add_batch_parser(sub)
     return ap
 
 
