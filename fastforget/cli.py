@@ -508,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fastforget.batch import add_parser as add_batch_parser
 
     add_batch_parser(sub)
+    from fastforget.attacks.cli import add_parser as add_attack_parser
+
+    add_attack_parser(sub)
     return ap
 
 

@@ -69,8 +69,10 @@ def _gram(model, emb: torch.Tensor, batch: int = 32, disk: bool = False) -> torc
 
 def solve_kv_map(model, request: ErasureRequest, *, erase_weight: float, preserve_weight: float, lam: float,
                  neighbours: int, neighbour_cos, use_preserve: bool, seed: int, retain_weight: float | None = None,
-                 neighbour_map: str = "anchor"):
-    """The D x D float64 map T with W_new = W0 T for every attn2 to_k / to_v, and the row counts."""
+                 neighbour_map: str = "anchor", adversarial=None):
+    """The D x D float64 map T with W_new = W0 T for every attn2 to_k / to_v, and the row counts.
+    `adversarial`: (embeddings (M, 512), owner (M,)) found to still regenerate target owner[j]; each is
+    mapped onto that target's anchor like the target itself (RECE's added rows)."""
     retain_weight = preserve_weight if retain_weight is None else retain_weight
     d = model.text_width
     k = len(request.targets)
@@ -100,6 +102,14 @@ def solve_kv_map(model, request: ErasureRequest, *, erase_weight: float, preserv
             sums.index_add_(0, owner[i:i + STATE_BATCH], s)
     if neighbour_map != "transport":
         gat = torch.einsum("kla,klb->ab", anchor_states, sums)
+    n_adv = 0
+    if adversarial is not None and len(adversarial[0]):
+        adv_emb, adv_owner = adversarial
+        n_adv = len(adv_emb)
+        for i in range(0, n_adv, STATE_BATCH):
+            s = _states(model, adv_emb[i:i + STATE_BATCH])
+            gtt += s.reshape(-1, d).T @ s.reshape(-1, d)
+            gat += torch.einsum("kla,klb->ab", anchor_states[adv_owner[i:i + STATE_BATCH]], s)
     keep = [model.null_condition(1).double().cpu().reshape(-1, d)]
     gp = keep[0].T @ keep[0]
     n_keep = keep[0].shape[0]
@@ -116,7 +126,8 @@ def solve_kv_map(model, request: ErasureRequest, *, erase_weight: float, preserv
     # W A = W0 M  ->  T = M A^{-1}; A is symmetric positive definite
     chol = torch.linalg.cholesky(a)
     t = torch.cholesky_solve(m.T, chol).T
-    return t, {"target_rows": len(src) * anchor_states.shape[1], "preserved_rows": n_keep, "rows_per_target": n_per}
+    return t, {"target_rows": (len(src) + n_adv) * anchor_states.shape[1], "preserved_rows": n_keep,
+               "rows_per_target": n_per, "adversarial_rows": n_adv}
 
 
 def _resolve(name: str, defaults: dict, options: dict) -> dict:
@@ -132,27 +143,96 @@ def _resolve(name: str, defaults: dict, options: dict) -> dict:
         raise InputError(f"{name}: option 'neighbour_map' must be 'anchor' or 'transport', got {cfg['neighbour_map']!r}")
     if not isinstance(cfg["use_preserve"], bool):
         raise InputError(f"{name}: option 'use_preserve' must be True or False, got {cfg['use_preserve']!r}")
+    check_int(name, cfg, "adversarial_rounds", 0, MAX_ROUNDS)
+    check_int(name, cfg, "adversarial_steps", 1, 10_000)
+    check_int(name, cfg, "adversarial_starts", 1, 256)
+    check_int(name, cfg, "adversarial_sweep", 0, 4096)
+    if cfg.get("adversarial_threshold") is not None:
+        check_number(name, cfg, "adversarial_threshold", -1.0, hi=1.0)
     return cfg
 
 
-def _fit(name, model, request, *, seed, progress, defaults, options):
-    cfg = _resolve(name, defaults, options)
+def _solve(name, model, request, cfg, seed, adversarial=None):
     try:
-        tmap, counts = solve_kv_map(model, request, erase_weight=cfg["erase_weight"],
-                                    preserve_weight=cfg["preserve_weight"], lam=cfg["lam"],
-                                    neighbours=cfg["neighbours"], neighbour_cos=tuple(cfg["neighbour_cos"]),
-                                    use_preserve=cfg["use_preserve"], seed=seed, retain_weight=cfg["retain_weight"],
-                                    neighbour_map=cfg["neighbour_map"])
+        return solve_kv_map(model, request, erase_weight=cfg["erase_weight"],
+                            preserve_weight=cfg["preserve_weight"], lam=cfg["lam"],
+                            neighbours=cfg["neighbours"], neighbour_cos=tuple(cfg["neighbour_cos"]),
+                            use_preserve=cfg["use_preserve"], seed=seed, retain_weight=cfg["retain_weight"],
+                            neighbour_map=cfg["neighbour_map"], adversarial=adversarial)
     except torch.linalg.LinAlgError:  # lam too small (or weights too large) for float64: A is not positive definite
         from fastforget.errors import FitError
 
         raise FitError(f"{name}: the solve is not numerically positive definite with options 'lam' = {cfg['lam']}, "
                        f"'erase_weight' = {cfg['erase_weight']}, 'preserve_weight' = {cfg['preserve_weight']}; "
                        "raise 'lam' (default 0.1) or lower the weights") from None
-    new = {}
-    for pname in attn2_kv_names(model):
-        w0 = get_parameter(model, pname).detach().double().cpu()
-        new[pname] = (w0 @ tmap).to(torch.float32)
+
+
+def _edited_weights(model, tmap: torch.Tensor) -> dict:
+    return {p: (get_parameter(model, p).detach().double().cpu() @ tmap).to(torch.float32)
+            for p in attn2_kv_names(model)}
+
+
+def _adversarial_rounds(name, model, request, cfg, seed, progress, tmap, counts):
+    """RECE-style hardening: each round attacks the edited model (white-box: Adam on the input embedding through
+    a short differentiable sampler, from the target's own embedding and random starts; black-box: a sweep of
+    inputs at cosine 0.5-0.99 to the target), keeps every input whose generations are still verified as the
+    target, adds it to the erased rows (mapped to the target's anchor) and solves again."""
+    import time
+
+    from tqdm import tqdm
+
+    from fastforget.attacks import verification_threshold
+    from fastforget.attacks.diffusion import differentiable_generate, search_embeddings, similarity
+    from fastforget.identity.embeddings import random_unit_vectors
+
+    enc = request.encoder
+    if enc is None or not getattr(enc, "differentiable", False):
+        raise InputError(f"{name}: option 'adversarial_rounds' attacks the edited model and needs a differentiable "
+                         "identity encoder in the request (erase(..., encoder=...)); got "
+                         f"{getattr(enc, 'name', None) or 'none'}")
+    thr = cfg["adversarial_threshold"] if cfg["adversarial_threshold"] is not None else verification_threshold(enc)
+    found, owner, log = [], [], []
+    k = len(request.targets)
+    for r in tqdm(range(cfg["adversarial_rounds"]), desc=f"{name} adversarial rounds", disable=not progress,
+                  leave=False):
+        t0 = time.perf_counter()
+        edited = model.clone(only=attn2_kv_names(model))
+        for p, w in _edited_weights(model, tmap).items():
+            get_parameter(edited, p).data.copy_(w)
+        hits = 0
+        for i in range(k):
+            tgt = request.targets[i]
+            # seeds far from the attack's own (ff.attack draws its random starts at seed + 101 + target)
+            rs = seed + 50_000 + 1000 * r + i
+            starts = torch.cat([tgt[None], random_unit_vectors(cfg["adversarial_starts"] - 1, seed=rs)])
+            emb, sim = search_embeddings(edited, enc, tgt, starts, steps=cfg["adversarial_steps"], seed=rs)
+            cand, csim = [emb], [sim]
+            if cfg["adversarial_sweep"]:
+                sweep = neighbours_of(tgt[None], cfg["adversarial_sweep"], (0.5, 0.99), rs)
+                with torch.no_grad():
+                    imgs = differentiable_generate(edited, sweep.repeat_interleave(2, 0), seed=rs)
+                    cand.append(sweep)
+                    csim.append(similarity(enc, imgs, tgt).view(len(sweep), 2).mean(1))
+            cand, csim = torch.cat(cand), torch.cat(csim)
+            keep = csim > thr
+            found.append(cand[keep])
+            owner += [i] * int(keep.sum())
+            hits += int(keep.sum())
+        log.append({"round": r + 1, "inputs_found": hits, "seconds": time.perf_counter() - t0})
+        if not hits:  # nothing regenerates a target any more at this search budget
+            break
+        adv = (torch.cat(found), torch.tensor(owner, dtype=torch.long))
+        tmap, counts = _solve(name, model, request, cfg, seed, adversarial=adv)
+        log[-1]["seconds"] = time.perf_counter() - t0
+    return tmap, {**counts, "adversarial": {"threshold": thr, "rounds": log}}
+
+
+def _fit(name, model, request, *, seed, progress, defaults, options):
+    cfg = _resolve(name, defaults, options)
+    tmap, counts = _solve(name, model, request, cfg, seed)
+    if cfg["adversarial_rounds"]:
+        tmap, counts = _adversarial_rounds(name, model, request, cfg, seed, progress, tmap, counts)
+    new = _edited_weights(model, tmap)
     meta = {"method": name, "config": cfg, "seed": seed, **counts,
             "targets": fingerprint_embeddings(request.targets, request.salt),
             "anchors": fingerprint_embeddings(request.anchors, request.salt), "version": __version__}
@@ -165,10 +245,15 @@ def _fit(name, model, request, *, seed, progress, defaults, options):
 # Neighbours are transported (t + δ -> a + δ) and few (4): each neighbour mapped onto the anchor spends one more
 # direction of the D x D map, and identities nobody named overlap every direction it spends (16 -> 4 with
 # transport: unnamed movement 0.30 -> 0.11). The named (retain) rows are held 50x harder than anonymous rows.
+# adversarial_rounds > 0 hardens the erase (RECE): see _adversarial_rounds; its found inputs are never stored
+ADVERSARIAL_DEFAULTS = {"adversarial_rounds": 0, "adversarial_steps": 10, "adversarial_starts": 4,
+                        "adversarial_sweep": 16, "adversarial_threshold": None}
 CLOSED_FORM_DEFAULTS = {"erase_weight": 10.0, "preserve_weight": 0.2, "retain_weight": 10.0, "lam": 0.1, "neighbours": 4,
-                        "neighbour_cos": [0.75, 0.95], "use_preserve": True, "neighbour_map": "transport"}
+                        "neighbour_cos": [0.75, 0.95], "use_preserve": True, "neighbour_map": "transport",
+                        **ADVERSARIAL_DEFAULTS}
 UCE_DEFAULTS = {"erase_weight": 20.0, "preserve_weight": 1.0, "retain_weight": None, "lam": 0.7, "neighbours": 0,
-                "neighbour_cos": [0.75, 0.95], "use_preserve": False, "neighbour_map": "anchor"}
+                "neighbour_cos": [0.75, 0.95], "use_preserve": False, "neighbour_map": "anchor", **ADVERSARIAL_DEFAULTS}
+MAX_ROUNDS = 100
 # neighbours per target: each is one more text-encoder pass (and a float64 512-d row); 10**9 would never finish
 MAX_NEIGHBOURS = 1000
 
