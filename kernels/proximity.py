@@ -6,7 +6,8 @@ product per pair), ties broken by lower index. Both backends run the same two st
 1. a candidate pass over gallery tiles in a fast number format (Triton fp32 on GPU; on CPU int8,
    bf16 or fp32, whichever the CPU multiplies fastest, int8 / bf16 hits re-scored in fp32 while
    the tile is in cache) that keeps, per query, every row whose score *could* reach the exact
-   top-k given a proven bound on that format's error;
+   top-k given a proven bound on that format's error. bf16 (AMX) multiplies the rows as stored
+   (float32, float16 or int8 from a gallery file) and scales by 1 / |row| only where it looks;
 2. an exact float64 re-rank of those candidates. A query whose candidates overflow the buffer is
    searched exactly instead.
 
@@ -151,13 +152,6 @@ def _eps_fp32(D: int) -> float:
     return eps
 
 
-def _eps_bf16(D: int) -> float:
-    # inputs rounded to bf16: |q_b.g_b - q.g| <= (2 ub + ub^2) |q||g|; products exact in fp32 and
-    # accumulated in fp32 (oneDNN / MKL): gamma_D; result rounded to bf16 by torch.mm: ub |acc|;
-    # fp32 representation of q and of the normalised row as in _eps_fp32
-    return (3.0 * U_BF16 + 5.0 * U_BF16 ** 2 + 2.0 * (D + 8) * U32) * 1.001
-
-
 def _eps_int8(e_q, qn_int8, e_g, gn, D):
     # q~ = c_q qi, g~ = c_t gi (int8, int32 dot exact):
     # |q.g - q~.g~| = |(q - q~).g + q~.(g - g~)| <= |q - q~| |g| + |q~| |g - g~|
@@ -259,7 +253,8 @@ class _QueryBlock:
 
 
 class _Tile:
-    """A gallery tile in fp32 with its candidate-format operand and the facts its error bound needs."""
+    """A gallery tile in fp32 with its int8 / fp32 candidate operand and the facts its error bound needs
+    (bf16 tiles: _Bf16Tile)."""
 
     def __init__(self, gt, fmt, normalize, D):
         self.gf = gt.to(torch.float32)
@@ -281,15 +276,14 @@ class _Tile:
             self.e = self.c * float(e_units.max()) * (1.0 + 2 * rel) + 2 * rel * self.gn
             self.op = gi.to(torch.int8)
         else:
-            g_op = self.gf * self.scale[:, None] if normalize else self.gf
-            self.op = g_op.to(torch.bfloat16) if fmt == "bf16" else g_op
+            self.op = self.gf * self.scale[:, None] if normalize else self.gf
 
     def approx(self, block: _QueryBlock, fmt, D):
         """Approximate scores X (Qb, T) and per query a, eps with score~ = a * X, |score~ - score| <= eps."""
         if fmt == "int8":
             return (torch._int_mm(block.op, self.op.T), block.c * self.c,
                     _eps_int8(block.e, block.qn_int8, self.e, self.gn, D))
-        eps = (_eps_bf16(D) if fmt == "bf16" else _eps_fp32(D)) * block.qn * self.gn + 1e-30
+        eps = _eps_fp32(D) * block.qn * self.gn + 1e-30
         return block.op @ self.op.T, torch.ones_like(block.qn), eps
 
     def approx_fp32(self, block: _QueryBlock, D):
@@ -308,8 +302,8 @@ class _Bf16Tile:
     """A tile for the bf16 (AMX) pass, multiplied as stored: no normalised or fp32 copy of the tile.
 
     score~ = s_j * X_j with X = bf16(q) . bf16(rows_j) (fp32 accumulation, bf16 result) and the per-row
-    scale s_j = 1 / |rows_j| (normalize) or the stored scale (raw inner product). Rounding rows_j
-    instead of rows_j / |rows_j| to bf16 is the same relative error, so _eps_bf16 holds as it is.
+    scale s_j = 1 / |rows_j| (normalize) or the stored scale (raw inner product): rounding rows_j
+    instead of rows_j / |rows_j| to bf16 is the same relative error (bound: `approx`).
     Which (query, row) pairs may pass is decided in X units against the tile's extreme s_j (a superset),
     and every pair found is re-scored in fp32 from the stored rows.
     """
@@ -330,31 +324,43 @@ class _Bf16Tile:
         else:
             s = scale if scale is not None else torch.ones_like(nrm)
             self.gn = float((nrm * s.abs()).max()) * (1.0 + 2 * rel) if len(nrm) else 0.0
-        self.s = s
+        self.s = s  # fp32 scores of stored rows: (q . rows_j) * s_j
         # |bf16(r) - r| <= rho |r| per row: bf16 holds int8 exactly, else relative rounding u_bf16
         self.rho = 0.0 if rows.dtype == torch.int8 else U_BF16
         self.theta = 0.0 if not normalize else rel  # relative error of s_j = 1 / |r_j| in fp32
         pos = s[s > 0]
+        if pos.numel() and float(pos.max()) > 1.01 * float(pos.min()) or bool((s < 0).any()):
+            # rows of unequal norm (int8 rows carry their row's max, raw embeddings vary): one X threshold
+            # would be loose for most rows, so the multiplier goes into the operand before bf16 rounding:
+            # op_j = bf16(fp32(rows_j s_j)) = r^_j (1 + theta)(1 + u32)(1 + u_b) elementwise, r^_j the
+            # unit (normalize) or scaled row: rho covers all three, and X needs no multiplier
+            self.op = (rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
+                       * s.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)[:, None]
+                       ).to(torch.bfloat16)
+            self.rho = (U_BF16 + U32 + self.theta) * 1.001
+            self.theta = 0.0
+            self.sx = (s != 0).to(torch.float32)
+        else:
+            self.sx = s  # the multiplier of X: score~_j = sx_j X_j
+        pos = self.sx[self.sx > 0]
         self.s_max = float(pos.max()) if pos.numel() else 0.0
         self.s_min = float(pos.min()) if pos.numel() else 1.0
-        if bool((s < 0).any()):  # a negative stored scale flips the order: test every pair instead
-            self.s_max = None
-        self._vals = None
 
     def vals32(self, cols=None):
         r = self.rows if cols is None else self.rows.index_select(0, cols)
         return r.to(torch.float32)
 
     def approx(self, block: "_QueryBlock", D):
-        """X (Qb, T) bf16 and per query E with |s_j X_j - score_j| <= U_OUT |s_j X_j| + E.
+        """X (Qb, T) bf16 and per query E with |sx_j X_j - score_j| <= U_OUT |sx_j X_j| + E.
 
         X~ = bf16(acc) for the fp32 sum acc of exact products of q_b = bf16(q), r_b = bf16(r):
         |X~ - acc| <= u_b |X~| (round to nearest), |acc - q_b.r_b| <= gamma_D |q_b| |r_b|,
         |q_b.r_b - q.r| <= |dq| |r| + |q_b| rho |r|. With |q_b| <= |q| + |dq|, |r_b| <= (1 + rho) |r|
-        and s_j = (1 + theta) / |r_j| (normalize; else s_j |r_j| <= gn), per query:
+        and sx_j = s_j = (1 + theta) / |r_j| (normalize; else s_j |r_j| <= gn), per query (a prescaled
+        operand has sx_j = 1 and its r is the unit / scaled row: the same bound, with its rho):
         E = gn (1 + theta) [gamma_D (|q| + |dq|)(1 + rho) + |dq| + (|q| + |dq|) rho] + gn theta |q|.
-        Tighter than _eps_bf16 (which spends u_b |q| on the output and u_b |q| on bf16(q)): the output
-        rounding scales with the score (~0.2 at the top-k, not 1), and |dq| is measured, not bounded."""
+        About half of a bound in units of |q| |g| alone (3 u_b): the output rounding scales with the
+        score (~0.2 at the top-k, not 1), |dq| is measured, and int8 rows have rho = 0."""
         qn, dq = block.qn, block.dq
         gamma = 1.01 * D * U32
         E = self.gn * (1 + self.theta) * (gamma * (qn + dq) * (1 + self.rho) + dq + (qn + dq) * self.rho) \

@@ -239,3 +239,47 @@ def test_memory_stays_flat_on_a_file_many_tiles_long(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     base, peak = map(float, out.stdout.split())
     assert peak - base < size_mb / 3, f"peak RSS grew {peak - base:.1f} MB searching a {size_mb:.0f} MB file"
+
+
+def test_anchor_selection_streams_a_file_and_matches_the_tensor_rule(tmp_path, monkeypatch):
+    from fastforget.identity import anchors as A
+
+    gen = torch.Generator().manual_seed(5)
+    pool = F.normalize(torch.randn(3000, 512, generator=gen), dim=1)
+    targets = F.normalize(torch.randn(4, 512, generator=gen), dim=1)
+    targets[3] = pool[123]  # that row is the target itself (cos 1): never its anchor
+    path = ff.gallery.save(tmp_path / "pool.ffg", pool, dtype="int8")
+    in_ram = ff.gallery.load(path)
+    for tau in (0.05, 0.0, 0.3):  # random 512-d rows sit at |cos| < 0.2: at 0.3 the nearest to tau is taken
+        want = A.select_anchors(targets, in_ram, tau=tau, seed=3)
+        monkeypatch.setattr(A, "POOL_TILE", 700)  # many tiles, the last ragged: same rule, same anchors
+        for pool_arg in (path, ff.gallery.open(path)):
+            got = A.select_anchors(targets, pool_arg, tau=tau, seed=3)
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+        monkeypatch.setattr(A, "POOL_TILE", 65536)
+        cos = (targets.double() * in_ram[want[1]].double()).sum(1)
+        assert (cos < 0.9).all() and want[1][3] != 123
+        if tau != 0.3:
+            assert ((cos - tau).abs() < 0.01).all()
+    with pytest.raises(InputError, match="not a gallery file"):
+        A.select_anchors(targets, str(tmp_path / "pool.npy"))
+
+
+def test_erase_takes_a_gallery_file_as_preserve_and_anchor(tmp_path, monkeypatch):
+    from fastforget.api import _resolve_preserve
+    from fastforget.identity import preservation
+    from fastforget.identity.anchors import testbed_gallery
+
+    model, enc = ff.load("demo"), ff.load_encoder("demo")
+    faces = testbed_gallery(enc, n=200, first_id=800_000)  # identities nobody names in this test
+    path = ff.gallery.save(tmp_path / "faces.ffg", faces, dtype="float16")
+    pres = _resolve_preserve(path, model, lambda: enc, 0, False)
+    assert pres.kind == "gallery file" and len(pres.embeddings) == 200 and len(pres.anchor_pool) == 200
+    monkeypatch.setattr(preservation, "FILE_PRESERVE_ROWS", 50)  # a file larger than what an edit holds
+    pres = _resolve_preserve(str(path), model, lambda: enc, 0, False)
+    assert len(pres.embeddings) == 50 and len(pres.anchor_pool) == 200
+    res = ff.erase(model, [3], method="closed_form", encoder=enc, preserve=path, anchor=path, report=False,
+                   progress=False)
+    stored = ff.gallery.load(path)
+    assert float((res.anchors @ stored.T).max()) > 0.9999  # the anchor is a row of the file
+    assert abs(float(res.anchors[0] @ enc.encode(ff.testbed.render([3], 1, seed=0)[0])[0]) - 0.2) < 0.2

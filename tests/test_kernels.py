@@ -382,13 +382,49 @@ def test_error_bounds_hold(fmt, kind):
     for normalize in (True, False):
         q64 = P._queries64(q, normalize)
         block = P._QueryBlock(q64, torch.arange(len(q)), fmt, 5)
-        tile = P._Tile(g, fmt, normalize, d)
-        X, a, eps = tile.approx(block, fmt, d)
-        approx = a[:, None] * X.to(torch.float64)
+        if fmt == "bf16":  # scores s_j X, bound U_OUT |s_j X| + E (relative output rounding)
+            tile = P._Bf16Tile(g, None, normalize, d)
+            X, E = tile.approx(block, d)
+            approx = X.to(torch.float64) * tile.sx.double()
+            eps = P.U_OUT * approx.abs() + E[:, None]
+        else:
+            tile = P._Tile(g, fmt, normalize, d)
+            X, a, eps = tile.approx(block, fmt, d)
+            approx = a[:, None] * X.to(torch.float64)
+            eps = eps[:, None].expand_as(approx)
         g64 = F.normalize(g.double(), dim=1) if normalize else g.double()
         err = (approx - q64 @ g64.T).abs()
-        assert (err <= eps[:, None]).all(), f"bound violated by {float((err - eps[:, None]).max()):.3g}"
+        assert (err <= eps).all(), f"bound violated by {float((err - eps).max()):.3g}"
         assert err.max() > eps.min() / 1000  # the bound is not vacuous-by-accident: errors exist
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "sparse"])
+def test_bf16_bound_holds_for_int8_and_float16_rows_with_scales(kind):
+    """The bf16 pass over rows as a gallery file stores them (int8 + per-row scale, float16)."""
+    gen = torch.Generator().manual_seed(7)
+    d = 256
+    g, q = torch.randn(2048, d, generator=gen), torch.randn(40, d, generator=gen)
+    if kind == "sparse":
+        g[:, 0] *= 50
+        q[:, 0] *= 50
+    scale = (g.abs().amax(1) / 127).float()
+    stored = {"int8": (torch.round(g / scale[:, None]).to(torch.int8), scale), "float16": (g.half(), None)}
+    for rows, sc in stored.values():
+        vals = rows.double() * (sc.double()[:, None] if sc is not None else 1.0)
+        for normalize in (True, False):
+            q64 = P._queries64(q, normalize)
+            block = P._QueryBlock(q64, torch.arange(len(q)), "bf16", 5)
+            tile = P._Bf16Tile(rows, sc, normalize, d)
+            X, E = tile.approx(block, d)
+            approx = X.to(torch.float64) * tile.sx.double()
+            ref = q64 @ (F.normalize(vals, dim=1) if normalize else vals).T
+            assert ((approx - ref).abs() <= P.U_OUT * approx.abs() + E[:, None]).all()
+            # the group-maxima hit finder returns exactly the pairs at or above a threshold
+            thr = X.float().quantile(0.99, dim=1).to(torch.bfloat16)
+            thr[::3] = -thr[::3]  # thresholds <= 0 too
+            rows_, cols_ = P._bf16_hits(X, thr)
+            want = (X >= thr[:, None]).nonzero(as_tuple=True)
+            assert sorted(zip(rows_.tolist(), cols_.tolist())) == list(zip(*(t.tolist() for t in want)))
 
 
 hypothesis = pytest.importorskip("hypothesis")

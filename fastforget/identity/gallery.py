@@ -355,7 +355,8 @@ def load(path) -> torch.Tensor:
         raise InputError(f"gallery file not found: {path}")
     if is_gallery_file(path):
         with GalleryFile(path) as g:
-            return torch.cat([check_embeddings(g.values(s, s + CHUNK_ROWS), dim=g.shape[1], name=str(path))
+            return torch.cat([check_embeddings(g.gather_rows(torch.arange(s, min(s + CHUNK_ROWS, g.shape[0]))),
+                                               dim=g.shape[1], name=str(path))
                               for s in range(0, g.shape[0], CHUNK_ROWS)])
     try:
         arr = np.load(path, allow_pickle=False)

@@ -1,6 +1,7 @@
 """Preservation sets: the many identities nobody named that an edit must leave where they are.
 
-With a face gallery at hand, pass it (`preserve=` embeddings, or `ff.gallery.from_folder`). Without
+With a face gallery at hand, pass it (`preserve=` embeddings, `ff.gallery.from_folder`, a .npy, or a
+gallery file of any size: `from_gallery_file`). Without
 one, the default is built from what the model and the encoder give: the generator draws faces from
 random identity vectors and the caller's encoder re-encodes them (these lie where the encoder puts
 faces; random unit vectors do not: face embeddings fill a small part of the sphere), and samples of a
@@ -38,8 +39,8 @@ DEFAULT_RECIPE = {"drawn": 256, "draw_steps": 10, "draw_guidance": 3.0, "samples
 @dataclass
 class PreservationSet:
     embeddings: torch.Tensor      # (N, 512) unit: every identity held fixed
-    anchor_pool: torch.Tensor     # (M, 512) the on-manifold part: who a target may turn into
-    kind: str                     # "gallery", "testbed", "drawn+random"
+    anchor_pool: object           # (M, 512) tensor, or a GalleryFile: who a target may turn into
+    kind: str                     # "gallery", "gallery file", "testbed", "drawn+random"
     key: str                      # cache key (hash of model weights, encoder and recipe)
 
 
@@ -60,6 +61,27 @@ def model_key(model) -> str:
 def from_gallery(embeddings: torch.Tensor) -> PreservationSet:
     key = hashlib.sha256(embeddings.detach().cpu().numpy().tobytes()).hexdigest()
     return PreservationSet(embeddings, embeddings, "gallery", key)
+
+
+FILE_PRESERVE_ROWS = 10_000  # rows of a gallery file held fixed by the edit (the default set holds ~8,000)
+
+
+def from_gallery_file(path, max_rows: int | None = None) -> PreservationSet:
+    """A gallery file (`ff.gallery.save(..., dtype=...)`) of any size as the preservation set: every row
+    when it holds at most `max_rows`, else `max_rows` evenly spaced rows (an edit's statistics need a
+    sample of the people, not ten million of them); anchors are drawn from the whole file, streamed."""
+    from fastforget.identity.embeddings import check_embeddings
+    from fastforget.identity.gallery import GalleryFile
+
+    g = GalleryFile(path)
+    n, max_rows = g.shape[0], max_rows or FILE_PRESERVE_ROWS
+    idx = torch.arange(n) if n <= max_rows else torch.linspace(0, n - 1, max_rows).round().long().unique()
+    if n > max_rows:
+        log.info("preserve %s: %d of its %d rows held fixed (evenly spaced); anchors come from all of them",
+                 path, len(idx), n)
+    emb = check_embeddings(g.gather_rows(idx), dim=g.shape[1], name=str(path))
+    key = hashlib.sha256(str(g.shape).encode() + g.dtype.encode() + emb.numpy().tobytes()).hexdigest()
+    return PreservationSet(emb, g, "gallery file", key)
 
 
 def testbed_set(encoder) -> PreservationSet:
