@@ -51,12 +51,18 @@ def _resolve_preserve(preserve, model, encoder_fn, seed: int, progress: bool):
     if preserve is None:
         log.warning("preserve=None: only `retain` is held fixed, so identities nobody named may move with the edit")
         return None
+    if isinstance(preserve, (str, os.PathLike)):
+        from fastforget.identity.gallery import is_gallery_file
+
+        if is_gallery_file(preserve):  # ff.gallery.save(..., dtype=...): any size, memory-mapped
+            return preservation.from_gallery_file(preserve)
     if isinstance(preserve, (str, os.PathLike)) and str(preserve).endswith(".npy"):
         from fastforget.identity.gallery import load as load_gallery
 
         return preservation.from_gallery(load_gallery(preserve))
     if isinstance(preserve, str):
-        raise InputError(f"preserve: expected 'auto', None, a .npy file or (N, 512) embeddings, got {preserve!r}")
+        raise InputError(f"preserve: expected 'auto', None, a .npy or gallery file or (N, 512) embeddings, "
+                         f"got {preserve!r}")
     enc = None if is_embedding_like(preserve) else encoder_fn()
     return preservation.from_gallery(to_embeddings(preserve, enc, "preserve", seed=seed))
 
@@ -83,7 +89,8 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
     (`ff.load("demo")`) has a default. `preserve="auto"` holds a large set of identities nobody named
     fixed (see fastforget.identity.preservation); pass a gallery (embeddings, a .npy file, photos) to use
     real faces instead. `anchor="auto"` picks, per target, an identity of `retain` (when it has >= 4) or
-    of the preservation set at cosine `anchor_tau` (PIU: 0.2; 0.0 maps a target to someone unrelated)."""
+    of the preservation set at cosine `anchor_tau` (PIU: 0.2; 0.0 maps a target to someone unrelated), or,
+    given a gallery file's path (`ff.gallery.save(..., dtype=...)`, any size), from that file's rows."""
     from fastforget.errors import FitError
     from fastforget.identity.anchors import check_request, select_anchors
     from fastforget.identity.encoder import resolve_encoder
@@ -144,6 +151,8 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
     if isinstance(anchor, str) and anchor == "auto":
         pool = ret if ret is not None and len(ret) >= 4 else pres.anchor_pool if pres is not None else ret
         anchors, _ = select_anchors(tgt, pool, tau=anchor_tau, seed=seed)
+    elif isinstance(anchor, (str, Path)):  # a gallery file: PIU's rule over its rows, streamed
+        anchors, _ = select_anchors(tgt, anchor, tau=anchor_tau, seed=seed)
     else:
         anchors = check_embeddings(anchor, name="anchor")
     check_request(tgt, anchors, ret)

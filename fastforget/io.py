@@ -282,9 +282,11 @@ def atomic_directory(directory, overwrite: bool = False, *, name: str = "output"
         raise
 
 
-def atomic_write_bytes(path, data: bytes, overwrite: bool = False, *, name: str = "output") -> Path:
-    """Write `data` to a temporary file beside `path`, flush it to disk, rename it into place.
-    Without overwrite the final step is a hard link, which fails if `path` appeared meanwhile."""
+@contextlib.contextmanager
+def atomic_file(path, overwrite: bool = False, *, name: str = "output"):
+    """Yield a temporary file (binary, open for writing) beside `path`; on success it is flushed to disk
+    and renamed into place. Without overwrite the final step is a hard link, which fails if `path`
+    appeared meanwhile. On error nothing is left behind. For outputs written piece by piece."""
     final = check_output_path(path, overwrite, name, kind="file")
     _mkparent(final, name, path)
     try:
@@ -293,7 +295,7 @@ def atomic_write_bytes(path, data: bytes, overwrite: bool = False, *, name: str 
         raise OutputPathError(f"{name}: cannot write beside {path} ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         if overwrite:
@@ -314,4 +316,10 @@ def atomic_write_bytes(path, data: bytes, overwrite: bool = False, *, name: str 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path, data: bytes, overwrite: bool = False, *, name: str = "output") -> Path:
+    """Write `data` to a temporary file beside `path`, flush it to disk, rename it into place (atomic_file)."""
+    with atomic_file(path, overwrite, name=name) as f:
+        f.write(data)
     return Path(path)

@@ -21,18 +21,16 @@ file and `open` refuses it. Searches are exact for the stored values.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import json
 import logging
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastforget.errors import InputError, OutputExistsError, OutputPathError
+from fastforget.errors import InputError
 
 log = logging.getLogger("fastforget")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -138,67 +136,45 @@ def write_file(path, chunks, dtype: str, *, overwrite: bool = False, normalize: 
     from tqdm import tqdm
 
     from fastforget.identity.embeddings import check_embeddings
-    from fastforget.io import _fsync, _mkparent, _prefix, check_output_path
+    from fastforget.io import atomic_file
 
-    final = check_output_path(path, overwrite, "gallery", kind="file")
-    _mkparent(final, "gallery", path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=_prefix(final, "tmp"), dir=final.parent)
-    except OSError as exc:
-        raise OutputPathError(f"gallery: cannot write beside {path} ({exc.strerror or exc})") from None
     n, dim, scales = 0, None, []
-    try:
-        with os.fdopen(fd, "wb") as f, tqdm(desc="gallery file", unit=" rows", disable=not progress,
-                                            leave=False) as bar:
-            f.write(b"\0" * ROWS_OFFSET)
-            for chunk in chunks:
-                x = chunk.detach().cpu().numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk)
-                if x.ndim != 2 or x.shape[0] == 0 or (dim is not None and x.shape[1] != dim):
-                    raise InputError(f"gallery: rows {n}..: expected an (n, {dim or 'D'}) chunk, got shape {x.shape}")
-                dim = x.shape[1]
-                name = f"gallery rows {n}..{n + x.shape[0] - 1}"
-                if normalize:
-                    x = check_embeddings(x, dim=dim, name=name).numpy().astype(np.float64)
-                else:
-                    if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
-                        raise InputError(f"{name}: expected finite floating-point rows")
-                    x = x.astype(np.float64)
-                    if dtype == "float16" and np.abs(x).max() > np.finfo(np.float16).max:
-                        raise InputError(f"{name}: values beyond float16's range; save as 'float32' or 'int8'")
-                rows, scale = _quantize(x, dtype)
-                f.write(np.ascontiguousarray(rows).astype(rows.dtype.newbyteorder("<"), copy=False).tobytes())
-                if scale is not None:
-                    scales.append(scale)
-                n += x.shape[0]
-                bar.update(x.shape[0])
-            if n == 0:
-                raise InputError("gallery: no rows to save")
-            scale_offset = None
-            if dtype == "int8":
-                end = ROWS_OFFSET + n * dim
-                scale_offset = -(-end // 64) * 64
-                f.write(b"\0" * (scale_offset - end))
-                f.write(np.concatenate(scales).astype("<f4").tobytes())
-            header = json.dumps({"format": "fastforget-gallery", "version": FORMAT_VERSION, "dtype": dtype,
-                                 "rows": n, "dim": dim, "rows_offset": ROWS_OFFSET, "scale_offset": scale_offset,
-                                 "normalized": bool(normalize)}).encode()
-            f.seek(0)
-            f.write(MAGIC + struct.pack("<I", len(header)) + header)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, final)
-        else:
-            try:
-                os.link(tmp, final)
-            except FileExistsError:
-                raise OutputExistsError(f"gallery: {path} appeared while it was being written; not replaced") from None
-            os.unlink(tmp)
-        _fsync(final.parent, directory=True)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, overwrite, name="gallery") as f, \
+            tqdm(desc="gallery file", unit=" rows", disable=not progress, leave=False) as bar:
+        f.write(b"\0" * ROWS_OFFSET)
+        for chunk in chunks:
+            x = chunk.detach().cpu().numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk)
+            if x.ndim != 2 or x.shape[0] == 0 or (dim is not None and x.shape[1] != dim):
+                raise InputError(f"gallery: rows {n}..: expected an (n, {dim or 'D'}) chunk, got shape {x.shape}")
+            dim = x.shape[1]
+            name = f"gallery rows {n}..{n + x.shape[0] - 1}"
+            if normalize:
+                x = check_embeddings(x, dim=dim, name=name).numpy().astype(np.float64)
+            else:
+                if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
+                    raise InputError(f"{name}: expected finite floating-point rows")
+                x = x.astype(np.float64)
+                if dtype == "float16" and np.abs(x).max() > np.finfo(np.float16).max:
+                    raise InputError(f"{name}: values beyond float16's range; save as 'float32' or 'int8'")
+            rows, scale = _quantize(x, dtype)
+            f.write(np.ascontiguousarray(rows).astype(rows.dtype.newbyteorder("<"), copy=False).tobytes())
+            if scale is not None:
+                scales.append(scale)
+            n += x.shape[0]
+            bar.update(x.shape[0])
+        if n == 0:
+            raise InputError("gallery: no rows to save")
+        scale_offset = None
+        if dtype == "int8":
+            end = ROWS_OFFSET + n * dim
+            scale_offset = -(-end // 64) * 64
+            f.write(b"\0" * (scale_offset - end))
+            f.write(np.concatenate(scales).astype("<f4").tobytes())
+        header = json.dumps({"format": "fastforget-gallery", "version": FORMAT_VERSION, "dtype": dtype,
+                             "rows": n, "dim": dim, "rows_offset": ROWS_OFFSET, "scale_offset": scale_offset,
+                             "normalized": bool(normalize)}).encode()
+        f.seek(0)
+        f.write(MAGIC + struct.pack("<I", len(header)) + header)
     return Path(path)
 
 
