@@ -120,13 +120,17 @@ def _chunks(embeddings):
         yield from it
 
 
-def _quantize(x: np.ndarray, dtype: str):
-    """float64 unit rows -> (stored rows, per-row float32 scale or None)."""
+def _quantize(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows (float32 unit rows, or float64 raw ones) -> (stored rows, per-row float32 scale or None),
+    little-endian numpy arrays ready to write."""
     if dtype != "int8":
-        return x.astype(FILE_DTYPES[dtype]), None  # unit rows: never beyond float16's range
-    scale = (np.abs(x).max(axis=1) / 127.0).astype(np.float32)
-    q = np.rint(x / np.where(scale > 0, scale, 1.0).astype(np.float64)[:, None])
-    return np.clip(q, -127, 127).astype(np.int8), scale
+        rows, scale = x.to(torch.float16 if dtype == "float16" else torch.float32), None
+    else:
+        scale = (x.abs().amax(1) / 127.0).to(torch.float32)
+        rows = torch.round(x / torch.where(scale > 0, scale, 1.0).to(x.dtype)[:, None]).clamp_(-127, 127)
+        rows, scale = rows.to(torch.int8), scale.numpy().astype("<f4", copy=False)
+    rows = rows.numpy()
+    return rows.astype(rows.dtype.newbyteorder("<"), copy=False), scale
 
 
 def write_file(path, chunks, dtype: str, *, overwrite: bool = False, normalize: bool = True,
@@ -149,15 +153,15 @@ def write_file(path, chunks, dtype: str, *, overwrite: bool = False, normalize: 
             dim = x.shape[1]
             name = f"gallery rows {n}..{n + x.shape[0] - 1}"
             if normalize:
-                x = check_embeddings(x, dim=dim, name=name).numpy().astype(np.float64)
+                x = check_embeddings(x, dim=dim, name=name)  # float32 unit rows
             else:
                 if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
                     raise InputError(f"{name}: expected finite floating-point rows")
-                x = x.astype(np.float64)
-                if dtype == "float16" and np.abs(x).max() > np.finfo(np.float16).max:
+                x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
+                if dtype == "float16" and float(x.abs().max()) > np.finfo(np.float16).max:
                     raise InputError(f"{name}: values beyond float16's range; save as 'float32' or 'int8'")
             rows, scale = _quantize(x, dtype)
-            f.write(np.ascontiguousarray(rows).astype(rows.dtype.newbyteorder("<"), copy=False).tobytes())
+            f.write(rows.tobytes())
             if scale is not None:
                 scales.append(scale)
             n += x.shape[0]
