@@ -368,12 +368,13 @@ def _states(model, emb: torch.Tensor, batch: int = STATE_BATCH, progress: bool =
     """(N, 512) -> (N*L, d) float32 text-encoder states, row-major by identity then token."""
     from tqdm import tqdm
 
-    d = model.text_width
-    if not len(emb):
-        return torch.zeros(0, d)
-    return torch.cat([model.condition(emb[i:i + batch]).float().cpu().reshape(-1, d)
-                      for i in tqdm(range(0, len(emb), batch), desc="erase_batch: text-encoder states",
-                                    disable=not progress or len(emb) <= batch, leave=False)])
+    d, length = model.text_width, model._prompt_ids.shape[1]
+    out = torch.empty(len(emb) * length, d)  # filled in place: a list + cat would hold every state twice
+    for i in tqdm(range(0, len(emb), batch), desc="erase_batch: text-encoder states",
+                  disable=not progress or len(emb) <= batch, leave=False):
+        s = model.condition(emb[i:i + batch]).float().cpu().reshape(-1, d)
+        out[i * length:i * length + len(s)] = s
+    return out
 
 
 def mlp_name(model) -> str:
@@ -392,20 +393,20 @@ def _mlp_features(model, emb: torch.Tensor, batch: int = STATE_BATCH, progress: 
     got = {}
     hooks = [layer.mlp.fc2.register_forward_hook(lambda m, i, o: got.__setitem__("k", i[0])),
              layer.register_forward_hook(lambda m, i, o: got.__setitem__("r", o[0] if isinstance(o, tuple) else o))]
-    keys, res = [], []
+    length = model._prompt_ids.shape[1]
+    keys = torch.empty(len(emb) * length, layer.mlp.fc2.in_features)  # filled in place (no list + cat copy)
+    res = torch.empty(len(emb) * length, model.text_width)
     try:
         for i in tqdm(range(0, len(emb), batch), desc="erase_batch: text-encoder keys",
                       disable=not progress or len(emb) <= batch, leave=False):
             model.condition(emb[i:i + batch])
-            keys.append(got["k"].float().cpu().reshape(-1, got["k"].shape[-1]))
-            res.append(got["r"].float().cpu().reshape(-1, got["r"].shape[-1]))
+            k = got["k"].float().cpu().reshape(-1, keys.shape[1])
+            keys[i * length:i * length + len(k)] = k
+            res[i * length:i * length + len(k)] = got["r"].float().cpu().reshape(-1, res.shape[1])
     finally:
         for h in hooks:
             h.remove()
-    if not keys:
-        width = layer.mlp.fc2.in_features
-        return torch.zeros(0, width), torch.zeros(0, model.text_width)
-    return torch.cat(keys), torch.cat(res)
+    return keys, res
 
 
 def _rows_x(model, emb, structure: str, progress: bool = False) -> torch.Tensor:
@@ -475,18 +476,18 @@ def _request_rows(req: BatchRequest, anchors: torch.Tensor, cfg: dict, seed: int
 
 
 # ---------------------------------------------------------------- result
-@dataclass
-class BatchResult:
-    """erase_batch / withdraw output: the erased model, ONE patch (unedited -> erased, every request), a
-    report, the ledger of applied and withdrawn requests, and the per-request statistics."""
+from fastforget.api import ErasureResult  # noqa: E402
 
-    model: object
-    patch: object
-    report: object
-    ledger: dict
-    statistics: BatchStatistics
+
+@dataclass
+class BatchResult(ErasureResult):
+    """erase_batch / withdraw output: an ErasureResult (the erased model, ONE patch from the unedited model
+    for every request, a report, the targets' anchors) plus the ledger of applied and withdrawn requests and
+    the per-request statistics."""
+
+    ledger: dict = None
+    statistics: BatchStatistics = None
     base: object = None          # the unedited model (the patch's originals): kept for incremental work
-    anchors: torch.Tensor | None = None
 
     def save(self, directory, overwrite: bool = False) -> Path:
         """model/ + patch.safetensors + report.json + ledger.json + statistics.safetensors, atomically."""
@@ -564,7 +565,7 @@ def _build(base, stats: BatchStatistics, method: str, anchors=None, t_solve: flo
                                      "|W(c_t) - W0(c_dst)| / |W0(c_t) - W0(c_dst)| (0: fully redirected); "
                                      "held_movement = |W(c) - W0(c)| / the same scale, for retained and "
                                      f"withdrawn rows (0: unchanged); on <= {METRIC_SAMPLE} requests evenly spaced"})
-    return BatchResult(erased, patch, report, _ledger(stats, patch, method), stats, base, anchors)
+    return BatchResult(erased, patch, report, anchors, _ledger(stats, patch, method), stats, base)
 
 
 def _state_metrics(base, tmap: torch.Tensor, stats: BatchStatistics) -> dict:
@@ -619,7 +620,7 @@ def _is_previous(model) -> bool:
 
 
 def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto", progress: bool = True,
-                structure: str = "kv", salt: str | None = None, anchor_tau: float = 0.2,
+                structure: str | None = None, salt: str | None = None, anchor_tau: float = 0.2,
                 **options) -> BatchResult:
     """Erase every request of a deletion queue in ONE closed-form solve (see the module docstring).
 
@@ -627,7 +628,7 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
     folder to add `requests` to it incrementally (only the new requests' states are computed; the result
     equals one solve over all of them). `options` are closed_form's (erase_weight, neighbours, ...).
 
-    `structure`: "kv" (default) is closed_form's D x D map on every attn2 to_k / to_v; "mlp" is the same
+    `structure`: "kv" (default; an incremental add keeps the batch's) is closed_form's D x D map on every attn2 to_k / to_v; "mlp" is the same
     least squares on the last text-encoder MLP's output projection, keyed by its hidden activations (a
     wider, nonlinear key space: see README "Deletion queue", capacity). Its defaults: MLP_DEFAULTS."""
     from fastforget.identity.anchors import select_anchors
@@ -644,9 +645,13 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
     if not isinstance(progress, bool):
         raise InputError(f"progress: expected True or False, got {progress!r}")
     anchor_tau = check_float(anchor_tau, "anchor_tau")
-    if structure not in STRUCTURES:
+    if structure is not None and structure not in STRUCTURES:
         raise InputError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
     validate_options("closed_form", options)
+    rounds = options.get("adversarial_rounds", 0)
+    if rounds:  # the hardening rounds re-solve on the edited model: not a sum over requests
+        raise InputError(f"erase_batch: option 'adversarial_rounds' = {rounds!r} is not supported in a batch (its "
+                         "solve must stay a sum over requests to be incremental); harden with ff.erase")
     reqs = parse_requests(requests)
     previous = _is_previous(model)
     if previous:
@@ -659,11 +664,14 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
                                 "time(s)); ids must be unique across the queue")
         if salt is not None and check_salt(salt) != old.salt:
             raise InputError("salt: differs from the batch being extended (its fingerprints would not match)")
+        if structure is not None and structure != old.structure:
+            raise InputError(f"structure: the batch being extended uses {old.structure!r}, got {structure!r}")
         cfg, salt, seed = old.config, old.salt, old.seed
         if encoder is None and old.preserve.get("kind") == "testbed":  # a saved copy of the testbed: its encoder
             encoder = "demo"
         structure = old.structure
     else:
+        structure = structure or "kv"
         defaults = {**CLOSED_FORM_DEFAULTS, **(MLP_DEFAULTS if structure == "mlp" else {})}
         cfg = {**_resolve("closed_form", defaults, dict(options)), "structure": structure}
         salt = check_salt(DEFAULT_SALT if salt is None else salt)
@@ -801,7 +809,8 @@ def withdraw(result_or_folder, request_ids) -> BatchResult:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("batch", help="erase a deletion queue (requests.jsonl) in one solve; writes model/, "
                                             "patch.safetensors, report.json, ledger.json, statistics.safetensors")
-    p.add_argument("requests", help=".jsonl: one {\"id\", \"targets\", \"retain\"?} request per line")
+    p.add_argument("requests", help=".jsonl: one {\"id\", \"targets\", \"retain\"?} request per line ('-' with "
+                                    "--withdraw)")
     p.add_argument("--model", action="append", required=True,
                    help="model folder / built-in name, or a previous batch output folder (incremental); repeat "
                         "for several models (each gets DIR/<n>-<name>)")
@@ -809,6 +818,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--encoder", default=None, help="identity encoder (ArcFace ONNX); the testbed has its own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preserve", default="auto", help="'auto' (default set) or a .npy gallery")
+    p.add_argument("--structure", choices=STRUCTURES, default=None,
+                   help="kv (default): closed_form's map on attn2 to_k/to_v; mlp: keyed on the last text-encoder MLP")
     p.add_argument("--withdraw", nargs="+", default=None, metavar="ID",
                    help="instead of adding: withdraw these request ids from the batch folder given as --model")
     p.add_argument("--workers", type=int, default=1, help="fan independent jobs (one per model) out over Ray")
@@ -833,7 +844,8 @@ def cmd_batch(args) -> int:
             parse_requests(args.requests)  # every line checked before any model is loaded or any worker started
         many = len(args.model) > 1
         jobs = [BatchJob(m, str(args.requests), str(out / f"{i}-{Path(str(m)).name}") if many else str(out),
-                         encoder=args.encoder, seed=args.seed, preserve=args.preserve, overwrite=args.overwrite,
+                         encoder=args.encoder, seed=args.seed, preserve=args.preserve, structure=args.structure,
+                         overwrite=args.overwrite,
                          progress=not args.quiet) for i, m in enumerate(args.model)]
     results = run_jobs(jobs, workers=args.workers, ray_address=args.ray_address, progress=not args.quiet)
     for r in results:

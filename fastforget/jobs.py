@@ -28,6 +28,7 @@ class BatchJob:
     encoder: str | None = None
     seed: int = 0
     preserve: str = "auto"
+    structure: str | None = None
     overwrite: bool = False
     progress: bool = False
 
@@ -35,7 +36,7 @@ class BatchJob:
         from fastforget.batch import erase_batch
 
         res = erase_batch(self.model, self.requests, encoder=self.encoder, seed=self.seed, preserve=self.preserve,
-                          progress=self.progress)
+                          structure=self.structure, progress=self.progress)
         self.write(res)
         return _summary(self, res)
 
