@@ -310,11 +310,11 @@ class _Bf16Tile:
 
     def __init__(self, rows, scale, normalize, D, src=None, n0=0):
         self.rows = rows
-        self.op = rows.to(torch.bfloat16)  # exact for int8 rows
+        # one fp32 copy for the norms and the bf16 operand: float16 / int8 -> bf16 directly is slower here
+        wide = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        r = rows if rows.dtype == wide else rows.to(wide)
         # norms of the stored rows (int8: exact in fp32, sums of squares of integers stay below 2**24)
-        src_rows = self.op if rows.dtype == torch.int8 else rows
-        nrm = torch.linalg.vector_norm(src_rows, dim=1, dtype=torch.float64 if rows.dtype == torch.float64
-                                       else torch.float32).to(torch.float32)
+        nrm = torch.linalg.vector_norm(r, dim=1).to(torch.float32)
         if not bool(torch.isfinite(nrm).all()) or (scale is not None and not bool(torch.isfinite(scale).all())):
             raise _nonfinite(src or TensorRows(rows), n0, n0 + len(rows))
         rel = (D + 8) * U32
@@ -334,14 +334,13 @@ class _Bf16Tile:
             # would be loose for most rows, so the multiplier goes into the operand before bf16 rounding:
             # op_j = bf16(fp32(rows_j s_j)) = r^_j (1 + theta)(1 + u32)(1 + u_b) elementwise, r^_j the
             # unit (normalize) or scaled row: rho covers all three, and X needs no multiplier
-            self.op = (rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
-                       * s.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)[:, None]
-                       ).to(torch.bfloat16)
+            r = r.mul_(s.to(wide)[:, None]) if r is not rows else r * s.to(wide)[:, None]
             self.rho = (U_BF16 + U32 + self.theta) * 1.001
             self.theta = 0.0
             self.sx = (s != 0).to(torch.float32)
         else:
             self.sx = s  # the multiplier of X: score~_j = sx_j X_j
+        self.op = r.to(torch.bfloat16)  # exact for int8 rows (not prescaled)
         pos = self.sx[self.sx > 0]
         self.s_max = float(pos.max()) if pos.numel() else 0.0
         self.s_min = float(pos.min()) if pos.numel() else 1.0
