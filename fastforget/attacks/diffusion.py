@@ -32,14 +32,13 @@ def default_guidance(model):
 def differentiable_generate(model, emb: torch.Tensor, *, seed: int, steps: int = SAMPLER_STEPS,
                             guidance=None) -> torch.Tensor:
     """The model's own sampling loop (generate_tensor without its no_grad) with a `steps`-step DDIM sampler:
-    images (N, 3, H, W) in [-1, 1], differentiable in `emb` (and the weights)."""
+    images (N, 3, H, W) in [-1, 1], differentiable in `emb` (and the weights) where grad is enabled."""
     from diffusers import DDIMScheduler
 
     sample = inspect.unwrap(type(model).generate_tensor)
     sched = DDIMScheduler.from_config(model.scheduler.config)
     guidance = default_guidance(model) if guidance is None else guidance
-    with torch.enable_grad():
-        return sample(model, emb, seed=seed, steps=steps, guidance=guidance, scheduler=sched)
+    return sample(model, emb, seed=seed, steps=steps, guidance=guidance, scheduler=sched)
 
 
 def similarity(encoder, images: torch.Tensor, centroid: torch.Tensor) -> torch.Tensor:
@@ -50,27 +49,31 @@ def search_embeddings(model, encoder, centroid: torch.Tensor, starts: torch.Tens
                       lr: float = LR, checkpoints=(), on_checkpoint=None, progress: bool = False,
                       desc: str = "attack"):
     """Optimise unit embeddings from `starts` (S, 512) so that the model's generations look like `centroid`.
-    Calls on_checkpoint(step, embeddings) at each step in `checkpoints` (0 = the starts). Returns the final
-    embeddings (S, 512) and each one's mean cosine over its last step's sampled generations."""
+    Each start keeps the best embedding seen so far (by its sampled generations' mean cosine), as an attacker
+    would; on_checkpoint(step, best embeddings) is called at each step in `checkpoints` (0 = the starts).
+    Returns the best embeddings (S, 512) and their mean cosines (S,)."""
     x = F.normalize(starts.detach().float().clone(), dim=1).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     n = SAMPLES_PER_STEP
-    last = torch.full((len(x),), float("nan"))
+    best = x.detach().clone()
+    best_sim = torch.full((len(x),), -float("inf"))
     for step in tqdm(range(steps + 1), desc=desc, disable=not progress, leave=False):
+        # fresh noise every step (seed + step): the embedding must work for the sampler, not for one noise draw
+        with torch.set_grad_enabled(step < steps):
+            imgs = differentiable_generate(model, x.repeat_interleave(n, 0), seed=seed + 7919 * step)
+            sim = similarity(encoder, imgs, centroid).view(len(x), n).mean(1)
+        better = sim.detach() > best_sim
+        best[better], best_sim[better] = x.detach()[better], sim.detach()[better]
         if step in checkpoints and on_checkpoint is not None:
-            on_checkpoint(step, F.normalize(x.detach(), dim=1))
+            on_checkpoint(step, F.normalize(best, dim=1))
         if step == steps:
             break
-        # fresh noise every step (seed + step): the embedding must work for the sampler, not for one noise draw
-        imgs = differentiable_generate(model, x.repeat_interleave(n, 0), seed=seed + 7919 * step)
-        sim = similarity(encoder, imgs, centroid).view(len(x), n).mean(1)
         opt.zero_grad(set_to_none=True)
         (-sim.sum()).backward()
         opt.step()
         with torch.no_grad():
             x.copy_(F.normalize(x, dim=1))
-        last = sim.detach()
-    return F.normalize(x.detach(), dim=1), last
+    return F.normalize(best, dim=1), best_sim
 
 
 @torch.no_grad()
