@@ -454,6 +454,20 @@ def test_small_shapes_match_exact_search(n, d, n_q, k_frac, dup, fmt, use_exclud
     assert_same_as_exact(result, q, g, k, exclude=exclude)
 
 
+def test_candidate_format_is_measured_among_the_native_ones(monkeypatch):
+    fmts = P.cpu_candidate_formats()
+    assert fmts[0] == "fp32" and set(fmts) <= {"fp32", "bf16", "int8"}
+    P.cpu_candidate_format.cache_clear()
+    try:
+        assert P.cpu_candidate_format() in fmts
+        speed = {"fp32": 3.0, "bf16": 2.0, "int8": 1.0}  # a CPU where int8 multiplies fastest: it is chosen
+        monkeypatch.setattr(P, "_candidate_seconds", lambda fmt: speed[fmt])
+        P.cpu_candidate_format.cache_clear()
+        assert P.cpu_candidate_format() == min(fmts, key=speed.get)
+    finally:
+        P.cpu_candidate_format.cache_clear()
+
+
 def test_int8_matmul_self_check():
     assert not P._int_mm_exact(1) or torch.__version__ < "2"  # torch._int_mm on CPU returns garbage for K = 1
     assert P._int_mm_exact(64)
