@@ -338,11 +338,12 @@ def cmd_erase(args) -> int:
         preserve = None
     elif preserve != "auto" and Path(preserve).is_dir():
         preserve = ff.gallery.from_folder(preserve, enc)  # a folder of face photos
-    elif preserve != "auto" and not (preserve.endswith(".npy") and Path(preserve).is_file()):
+    elif preserve != "auto" and not ((preserve.endswith(".npy") and Path(preserve).is_file())
+                                     or ff.gallery.is_gallery_file(preserve)):
         from fastforget.errors import InputError
 
-        raise InputError(f"--preserve: expected auto, none, a .npy file of (N, 512) embeddings or a folder of face "
-                         f"photos; {preserve!r} is none of these")
+        raise InputError(f"--preserve: expected auto, none, a .npy file of (N, 512) embeddings, a gallery file "
+                         f"(ff.gallery.save(..., dtype=...)) or a folder of face photos; {preserve!r} is none of these")
     res = ff.erase(model, target, method=args.method, retain=retain, encoder=enc, seed=args.seed, progress=True,
                    verify_n=args.verify_n, anchor_tau=args.anchor_tau, preserve=preserve, **options)
     if hasattr(res.model, "save_ip_adapter"):  # a portrait generator: the erased adapter file, original layout
@@ -483,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("erase", help="erase identities; writes model/, patch.safetensors, report.json")
     e.add_argument("--preserve", default="auto",
                    help="identities held fixed: auto (default set; cached per model), none, a .npy gallery of "
-                        "(N, 512) embeddings, or a folder of face photos encoded with --encoder")
+                        "(N, 512) embeddings, a gallery file (any size; anchors drawn from all of it), or a "
+                        "folder of face photos encoded with --encoder")
     common(e)
     e.add_argument("--method", default=None,
                    help="closed_form (default), piu, uce, esd_x, bia; portrait generators: closed_form, ireu, "
