@@ -125,7 +125,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             res = erase_batch(model, reqs[:n], structure=structure, progress=False)
             sec = time.perf_counter() - t0
-            peak = (_rss()["VmHWM"] - before) / 2 ** 20
+            peak = max(0.0, (_rss()["VmHWM"] - before) / 2 ** 20)
             s = min(args.sample, n)
             assert torch.allclose(res.anchors[:s], anchors[:s])  # the same anchors the candidates hold
             acc_u, acc_r = score(res.model, s)
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                              for i in range(n)])
             graph = ConditionerGraph(model, bank=tg[:n], anchors=anc, threshold=args.gate_threshold)
             sec = time.perf_counter() - t0
-            peak = (_rss()["VmHWM"] - before) / 2 ** 20
+            peak = max(0.0, (_rss()["VmHWM"] - before) / 2 ** 20)
             acc_u, acc_r = score(model, min(args.sample, n), graph)
             with torch.no_grad():
                 hits = ((un @ tg[:n].T).amax(1) >= args.gate_threshold).float().mean().item()
