@@ -283,3 +283,22 @@ def test_erase_takes_a_gallery_file_as_preserve_and_anchor(tmp_path, monkeypatch
     stored = ff.gallery.load(path)
     assert float((res.anchors @ stored.T).max()) > 0.9999  # the anchor is a row of the file
     assert abs(float(res.anchors[0] @ enc.encode(ff.testbed.render([3], 1, seed=0)[0])[0]) - 0.2) < 0.2
+
+
+def test_candidate_overflow_on_a_file_falls_back_to_an_exact_streamed_search(tmp_path, monkeypatch):
+    # every row ties but one: every row stays a candidate, the queries overflow and are searched exactly
+    # by reading the file in tiles
+    gen = torch.Generator().manual_seed(8)
+    g = torch.randn(1, 32, generator=gen).repeat(1500, 1)
+    g[700] += 0.5
+    path = G.write_file(tmp_path / "ties.ffg", [g], "float16")
+    q = torch.randn(4, 32, generator=gen)
+    calls = []
+    exact_topk = P.exact_topk
+    monkeypatch.setattr(P, "exact_topk", lambda *a, **kw: calls.append(1) or exact_topk(*a, **kw))
+    monkeypatch.setattr(P, "CANDIDATE_CAP", 64)
+    exclude = torch.tensor([700, 0, -1, 3])
+    with ff.gallery.open(path) as gf:
+        i = ff.kernels.proximity_topk(q, gf, 5, exclude=exclude)[1]
+        assert calls, "the overflowed queries were not searched exactly"
+        assert torch.equal(i, exact(q, file_values(gf), 5, exclude=exclude)[1])
