@@ -822,6 +822,9 @@ def add_parser(subparsers) -> None:
                    help="kv (default): closed_form's map on attn2 to_k/to_v; mlp: keyed on the last text-encoder MLP")
     p.add_argument("--withdraw", nargs="+", default=None, metavar="ID",
                    help="instead of adding: withdraw these request ids from the batch folder given as --model")
+    p.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="then verify each output on K of its requests (generations; a job per model, over Ray too)")
+    p.add_argument("--verify-n", type=int, default=2, help="generations per identity for --verify")
     p.add_argument("--workers", type=int, default=1, help="fan independent jobs (one per model) out over Ray")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: a local one)")
     p.add_argument("--overwrite", action="store_true")
@@ -847,7 +850,15 @@ def cmd_batch(args) -> int:
                          encoder=args.encoder, seed=args.seed, preserve=args.preserve, structure=args.structure,
                          overwrite=args.overwrite,
                          progress=not args.quiet) for i, m in enumerate(args.model)]
+    if args.verify < 0 or args.verify_n < 1:
+        raise InputError("--verify / --verify-n: expected K >= 0 requests and N >= 1 generations")
     results = run_jobs(jobs, workers=args.workers, ray_address=args.ray_address, progress=not args.quiet)
+    if args.verify and args.withdraw is None:
+        from fastforget.jobs import VerifyJob
+
+        checks = [VerifyJob(j.out, j.requests, str(Path(j.out) / "verify.json"), encoder=args.encoder,
+                            sample=args.verify, n=args.verify_n, seed=args.seed) for j in jobs]
+        results += run_jobs(checks, workers=args.workers, ray_address=args.ray_address, progress=not args.quiet)
     for r in results:
         print(json.dumps(r, sort_keys=True))
     return 0

@@ -1,4 +1,5 @@
-"""Independent jobs (one deletion queue per served model, a withdrawal) run here or fanned out over Ray.
+"""Independent jobs (one deletion queue per served model, a withdrawal, the verification of each result) run
+here or fanned out over Ray.
 
     results = run_jobs([BatchJob("model-a", "q.jsonl", "out/a"), BatchJob("model-b", "q.jsonl", "out/b")],
                        workers=2)                      # Ray: a local instance, or ray_address="ray://host:10001"
@@ -58,6 +59,58 @@ class WithdrawJob:
         res = withdraw(self.folder, list(self.request_ids))
         res.save(self.out, overwrite=self.overwrite)
         return _summary(self, res)
+
+
+@dataclass
+class VerifyJob:
+    """ff.verify on a saved batch folder: an evenly spaced sample of its erased requests, against the unedited
+    model (the folder's patch reverted). The folder keeps no embeddings, so the targets are re-read from the
+    request file the batch was made from (checked against the ledger's fingerprints). Writes `out` (JSON,
+    atomically): request ids, metrics and fingerprints only."""
+    folder: str
+    requests: str
+    out: str
+    encoder: str | None = None
+    sample: int = 8
+    n: int = 2
+    steps: int = 25
+    seed: int = 0
+    overwrite: bool = False
+
+    def run(self) -> dict:
+        import json
+
+        import torch
+
+        from fastforget.batch import _embed, _load_previous, parse_requests
+        from fastforget.identity.encoder import resolve_encoder
+        from fastforget.io import atomic_write_bytes
+        from fastforget.models import load
+        from fastforget.patch import fingerprint_embeddings
+        from fastforget.verify import verify
+
+        base, stats = _load_previous(self.folder)
+        erased = {r.id: r for r in stats.requests if r.status == "erased"}
+        reqs = [r for r in parse_requests(self.requests) if r.id in erased]
+        if not reqs:
+            raise InputError(f"{self.requests}: none of its requests is erased in {self.folder}")
+        step = max(1, len(reqs) // self.sample)
+        reqs = reqs[::step][:self.sample]
+        enc = resolve_encoder(self.encoder if self.encoder is not None or stats.preserve.get("kind") != "testbed"
+                              else "demo", base, "verify")
+        for r in reqs:
+            _embed(r, enc, stats.seed)
+            if fingerprint_embeddings(r.target_emb, stats.salt) != erased[r.id].fingerprints:
+                raise InputError(f"{r.where}: its targets are not the ones request {r.id!r} erased in {self.folder} "
+                                 "(fingerprints differ): pass the request file the batch was made from")
+        model = load(str(Path(self.folder) / "model"))
+        rep = verify(model, torch.cat([r.target_emb for r in reqs]), encoder=enc, n=self.n, seed=self.seed,
+                     baseline=base, steps=self.steps)
+        result = {"folder": str(self.folder), "requests": [r.id for r in reqs], "metrics": rep.metrics,
+                  "targets": rep.details["targets"]}
+        atomic_write_bytes(self.out, json.dumps(result, indent=2, sort_keys=True, default=float).encode(),
+                           overwrite=self.overwrite)
+        return {"out": str(self.out), **result}
 
 
 def _summary(job, res) -> dict:

@@ -214,9 +214,12 @@ def test_cli_batch_and_withdraw(queue, tmp_path, capsys):
 
     q = tmp_path / "q.jsonl"
     q.write_text("".join(json.dumps(r) + "\n" for r in queue[:2]))
-    assert main(["batch", str(q), "--model", "demo", "--out", str(tmp_path / "out"), "--quiet"]) == 0
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["requests"] == ["req-a", "req-b"]
+    assert main(["batch", str(q), "--model", "demo", "--out", str(tmp_path / "out"), "--quiet", "--verify", "1",
+                 "--verify-n", "1"]) == 0
+    done, checked = (json.loads(x) for x in capsys.readouterr().out.strip().splitlines()[-2:])
+    assert done["requests"] == ["req-a", "req-b"]
+    assert checked["requests"] == ["req-a"] and (tmp_path / "out" / "verify.json").is_file()
+    assert checked["metrics"]["ism_f"] < checked["metrics"]["ism_f_before"]
     assert main(["batch", str(q), "--model", str(tmp_path / "out"), "--withdraw", "req-a",
                  "--out", str(tmp_path / "out2"), "--quiet"]) == 0
     ledger = json.loads((tmp_path / "out2" / "ledger.json").read_text())

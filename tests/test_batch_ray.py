@@ -91,3 +91,22 @@ def test_a_killed_worker_is_retried_without_a_half_written_output(local_ray, tmp
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     assert leftovers == []  # the dead attempt's temporary was removed by the retry
+
+
+def test_verification_jobs_over_ray_equal_in_process(local_ray, tmp_path, encoder):
+    from fastforget.jobs import VerifyJob
+
+    q = _queues(tmp_path, encoder)[0]
+    run_jobs([BatchJob("demo", q, str(tmp_path / "out"))], progress=False)
+    kw = dict(sample=2, n=1, steps=4)
+    (a,) = run_jobs([VerifyJob(str(tmp_path / "out"), q, str(tmp_path / "v1.json"), **kw)], progress=False)
+    (b,) = run_jobs([VerifyJob(str(tmp_path / "out"), q, str(tmp_path / "v2.json"), **kw)], workers=2,
+                    progress=False)
+    assert a["metrics"] == b["metrics"] and a["requests"] == ["week1-0", "week1-1"]
+    assert a["metrics"]["ism_f"] < a["metrics"]["ism_f_before"]  # the erased generate someone else
+    other = tmp_path / "other.jsonl"  # a request file that is not the one the batch was made from
+    other.write_text(json.dumps({"id": "week1-0", "targets": [7600]}) + "\n")
+    from fastforget.errors import InputError
+
+    with pytest.raises(InputError, match="fingerprints differ"):
+        VerifyJob(str(tmp_path / "out"), str(other), str(tmp_path / "v3.json"), **kw).run()
