@@ -27,7 +27,7 @@ FAST = {  # schedules small enough for CPU CI; the algorithms are the defaults'
     "piu": {"steps": 2, "micro_batch": 2, "accumulation": 1},
     "esd_x": {"steps": 2, "micro_batch": 2},
     "bia": {"neighbours": 8, "inversion_steps": 3, "decode_steps": 3, "k_nearest": 2, "halvings": 1, "chunk": 16,
-            "rebalance_tries": 0, "steps": 2, "n_sources": 1, "absorb_codes": 1, "n_preserve": 1, "batch": 2,
+            "rebalance_tries": 0, "steps": 2, "n_sources": 1, "n_negatives": 1, "n_preserve": 1, "batch": 2,
             "source_steps": 2},
 }
 TARGETS, RETAIN, PRESERVE = _emb(1, 101), _emb(4, 102), _emb(48, 103)

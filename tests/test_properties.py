@@ -516,11 +516,11 @@ OPTION_KEYS = {
     "uce": ["erase_weight", "preserve_weight", "retain_weight", "lam", "neighbours", "neighbour_cos", "use_preserve"],
     "piu": ["steps", "lr", "weight_decay", "micro_batch", "accumulation", "eta", "lambda_p", "layers"],
     "esd_x": ["steps", "lr", "eta", "micro_batch"],
-    "bia": ["mode", "t0", "inversion_steps", "decode_steps", "asymmetric", "neighbours", "sigma", "radius_max",
+    "bia": ["mode", "t0", "inversion_steps", "decode_steps", "asymmetric", "neighbours", "radius_max",
             "radius_units", "tau", "C", "rebalance_tries", "k_nearest", "push_margin", "wrapper_threshold",
-            "mse_weight", "perceptual_weight", "halvings", "n_sources", "source_steps", "source_guidance", "chunk",
-            "steps", "lr", "weight_decay", "batch", "preserve_weight", "trainable", "absorb_codes", "n_preserve",
-            "absorb_target", "conditional"],
+            "mse_weight", "perceptual_weight", "halvings", "n_augment", "n_sources", "source_steps", "source_guidance",
+            "chunk", "steps", "lr", "weight_decay", "batch", "preserve_weight", "trainable", "n_negatives",
+            "n_preserve", "n_random", "absorb_target", "anchor_guidance"],
 }
 option_value = st.one_of(
     junk, st.sampled_from(NASTY_NUMBERS), st.integers(-3, 5), st.floats(-2, 2),
@@ -620,8 +620,8 @@ def test_closed_form_fits_never_crash(tiny, method, options, tau, retain, preser
 FAST = {"piu": {"steps": 1, "micro_batch": 1, "accumulation": 1},
         "esd_x": {"steps": 1, "micro_batch": 1},
         "bia": {"t0": 50, "inversion_steps": 1, "decode_steps": 1, "neighbours": 2, "n_sources": 1, "source_steps": 1,
-                "steps": 1, "batch": 1, "absorb_codes": 1, "n_preserve": 0, "halvings": 0, "rebalance_tries": 0,
-                "chunk": 2}}
+                "steps": 1, "batch": 1, "n_negatives": 1, "n_preserve": 0, "n_random": 1, "halvings": 0,
+                "rebalance_tries": 0, "chunk": 2}}
 TINY_FLOATS, HUGE = [1e-300, 5e-324], [1e300, 1.7e308]
 EDGES = {
     "piu": {"lr": TINY_FLOATS + [1.0], "weight_decay": [0.0] + HUGE, "eta": [-1e300, 0.0, 1e300],
@@ -629,11 +629,11 @@ EDGES = {
             "layers": ["auto", "x", "full", ["mid_block.attentions.0.transformer_blocks.0.attn2"]],
             "micro_batch": [2], "accumulation": [2]},
     "esd_x": {"lr": TINY_FLOATS + [1.0], "eta": [-1e300, 0.0, 1e300], "micro_batch": [2]},
-    "bia": {"sigma": TINY_FLOATS + HUGE, "radius_max": TINY_FLOATS + [1e6], "C": TINY_FLOATS + HUGE,
+    "bia": {"radius_max": TINY_FLOATS + [1e6], "C": TINY_FLOATS + HUGE,
             "lr": TINY_FLOATS + [1.0], "tau": [-1.0, 1.0], "push_margin": [0, [0, 1e300], [5, 5]],
             "wrapper_threshold": [0.0, 1e300], "mse_weight": [0.0, 1e300], "perceptual_weight": [0.0, 1e300],
             "preserve_weight": [0.0, 1e300], "source_guidance": [0.0, 100.0], "asymmetric": [False],
-            "conditional": [False], "absorb_target": ["eps"], "radius_units": ["absolute"], "t0": [1, 999],
+            "anchor_guidance": [0.0, 100.0], "absorb_target": ["push"], "radius_units": ["absolute"], "t0": [1, 999],
             "trainable": [["conv_in"], "up_blocks.0.resnets"], "halvings": [3], "rebalance_tries": [2],
             "k_nearest": [1], "chunk": [1, 2 ** 40], "n_preserve": [2]},
 }
@@ -649,7 +649,7 @@ def edge_options(draw):
 @cfg(30, "fit_finetune")
 @given(args=edge_options())
 @example(args=("piu", {**FAST["piu"], "lr": 1.0, "eta": 1e300}))
-@example(args=("bia", {**FAST["bia"], "sigma": 1e300}))
+@example(args=("bia", {**FAST["bia"], "anchor_guidance": 100.0}))
 def test_finetune_and_bia_fits_never_crash(tiny, encoder, args):
     """Accepted extreme options (tiny and huge weights, learning rates, margins) fit to a finite patch or raise a
     typed error naming the method or an option (FitError: non-finite weights, nothing applied)."""

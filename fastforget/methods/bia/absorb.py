@@ -11,10 +11,12 @@ samples keep the teacher's ε along the teacher's own DDIM paths. One training l
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fastforget.errors import InputError
 from fastforget.methods.base import ErasureRequest, check_request, patch_metadata, register_method
@@ -52,46 +54,64 @@ def _points(items: list) -> tuple:
     return xs.float(), ts, es.float()
 
 
-def _sources(hs: HSpace, request: ErasureRequest, cfg: dict, seed: int) -> list[torch.Tensor]:
-    """Per target, images (n, 3, H, W) in [-1, 1]: the given photos or the model's renditions."""
+def augment(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """`n` copies of photos x (k, 3, H, W) in [-1, 1] under the nuisances a person's other photos differ by:
+    rotation ±12°, scale ±8 %, shift ±9 % of the frame, a horizontal flip, brightness ±10 %."""
+    pick = torch.randint(len(x), (n,), generator=gen)
+    th = (torch.rand(n, generator=gen) - 0.5) * 2 * math.radians(12)
+    sc = 1 + (torch.rand(n, generator=gen) - 0.5) * 0.16
+    tx, ty = ((torch.rand(n, generator=gen) - 0.5) * 0.18 for _ in range(2))
+    flip = torch.rand(n, generator=gen) < 0.5
+    bright = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.2
+    theta = torch.stack([torch.stack([th.cos() / sc, -th.sin() / sc, tx], 1),
+                         torch.stack([th.sin() / sc, th.cos() / sc, ty], 1)], 1)
+    grid = F.affine_grid(theta, (n, *x.shape[1:]), align_corners=False)
+    out = F.grid_sample(x[pick].float(), grid, padding_mode="border", align_corners=False)
+    out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
+    return ((out + 1) * bright - 1).clamp(-1, 1)
+
+
+def _sources(hs: HSpace, request: ErasureRequest, cfg: dict, seed: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Per target, images (n, 3, H, W) in [-1, 1]: its photos (option `source_images`, or the photos erase()
+    was given) with `n_augment` augmented copies; without photos, `n_sources` renditions by the model of the
+    target's embedding (ID-conditioned models only)."""
     n_targets = len(request.targets)
     given = cfg["source_images"]
+    if given is None and isinstance(request.extra, dict):
+        given = request.extra.get("target_images")
     if given is not None:
         src_all, _ = as_sources(hs, given, cfg, seed)
         if len(src_all) % n_targets:
             raise InputError(f"bia: option 'source_images' must hold a multiple of {n_targets} images "
                              f"(one group per target), got {len(src_all)}")
         per = len(src_all) // n_targets
-        return [src_all[i * per:(i + 1) * per] for i in range(n_targets)]
-    if not hs.conditional:
+        groups = [src_all[i * per:(i + 1) * per] for i in range(n_targets)]
+        if cfg["n_augment"]:
+            groups = [torch.cat([g, augment(g, cfg["n_augment"], gen)]) for g in groups]
+    elif not hs.conditional:
         raise InputError("bia: an unconditional model cannot render the targets; pass source_images= photos of "
                          "each target")
-    out = []
-    for i in range(n_targets):
-        emb = request.targets[i:i + 1].repeat(cfg["n_sources"], 1)
-        with torch.no_grad():
-            out.append(hs.model.generate_tensor(emb, seed=seed + SOURCE_SEED_OFFSET + 97 * i,
+    else:
+        groups = []
+        for i in range(n_targets):
+            emb = request.targets[i:i + 1].repeat(cfg["n_sources"], 1)
+            with torch.no_grad():
+                rend = hs.model.generate_tensor(emb, seed=seed + SOURCE_SEED_OFFSET + 97 * i,
                                                 steps=cfg["source_steps"], guidance=cfg["source_guidance"])
-                       .float().cpu())
-    return out
+            groups.append(rend.float().cpu())
+    return groups
 
 
-def _others(hs: HSpace, request: ErasureRequest, cfg: dict, seed: int, gen: torch.Generator):
-    """Renditions of other identities (retain first, then preservation-set draws), or None."""
-    if not hs.conditional or not cfg["n_preserve"]:
-        return None
+def _other_identities(request: ErasureRequest, n: int, gen: torch.Generator) -> torch.Tensor:
+    """`n` embeddings of other people: retain first, then preservation-set draws, then random identities."""
     ret = request.retain if request.retain is not None else torch.zeros(0, EMBED_DIM)
     pres = request.preserve if request.preserve is not None else torch.zeros(0, EMBED_DIM)
-    take_r = ret[:cfg["n_preserve"]]
-    rest = cfg["n_preserve"] - len(take_r)
-    take_p = pres[torch.randperm(len(pres), generator=gen)[:rest]] if rest > 0 and len(pres) else pres[:0]
-    if rest > 0 and len(take_p) < rest:  # no gallery: random identities stand in for the people nobody named
-        extra = torch.nn.functional.normalize(torch.randn(rest - len(take_p), EMBED_DIM, generator=gen), dim=1)
-        take_p = torch.cat([take_p.float(), extra])
-    others = torch.cat([take_r.float(), take_p.float()])
-    with torch.no_grad():
-        return hs.model.generate_tensor(others, seed=seed + PRESERVE_SEED_OFFSET, steps=cfg["source_steps"],
-                                        guidance=cfg["source_guidance"]).float().cpu()
+    take_r = ret[:n].float()
+    rest = n - len(take_r)
+    take_p = pres[torch.randperm(len(pres), generator=gen)[:rest]].float() if rest > 0 and len(pres) else pres[:0]
+    if rest > len(take_p):  # no gallery: random identities stand in for the people nobody named
+        take_p = torch.cat([take_p.float(), F.normalize(torch.randn(rest - len(take_p), EMBED_DIM, generator=gen), dim=1)])
+    return torch.cat([take_r, take_p.float()])
 
 
 @register_method("bia", validate=lambda o: resolve_options(o))
@@ -116,9 +136,9 @@ def fit_bia(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
     t0, steps = cfg["t0"], cfg["decode_steps"]
 
     # ---------------------------------------------------- erase: each source's bridge to its absorb target
-    groups = _sources(hs, request, cfg, seed)
+    groups = _sources(hs, request, cfg, seed, gen)
     timings["sources_s"] = time.perf_counter() - t_start
-    erase, regions, target_cos = [], [], []
+    erase, regions, target_cos, negatives = [], [], [], []
     for i, group in enumerate(groups):
         z0 = torch.cat([hs.encode(group[j:j + 1], seed=seed + 31 * i + j) for j in range(len(group))])
         x_t0 = hs.invert(z0, t0, cfg["inversion_steps"])
@@ -141,26 +161,40 @@ def fit_bia(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
         target_cos.append(round(float(cos.mean()), 4))
         for j in range(len(group)):
             erase += hs.bridge(x_t0[j:j + 1], z_b[j:j + 1], t0, steps)
+        if hs.conditional and cfg["n_negatives"]:
+            # hard negatives (ours): other people decoded from the sources' inversions, so in the same pose and
+            # background; they must reconstruct as before, so only the face can tell the person apart
+            n_neg = cfg["n_negatives"]
+            who = _other_identities(request, n_neg, gen)
+            with torch.no_grad():
+                states = model.condition(who).detach()
+            pick = torch.arange(n_neg) % len(group)
+            negatives.append(_guided_decode(hs, x_t0[pick], states, cfg["anchor_guidance"], t0, steps))
     timings["erase_targets_s"] = time.perf_counter() - t_start - timings["sources_s"]
 
     # ---------------------------------------------------- keep: others' inversions and random samples, as before
     t2 = time.perf_counter()
     keep = []
-    others = _others(hs, request, cfg, seed, gen)
-    if others is not None:
-        z0 = hs.encode(others, seed=seed)
+    held = list(negatives)
+    if hs.conditional and cfg["n_preserve"]:
+        with torch.no_grad():
+            others = hs.model.generate_tensor(_other_identities(request, cfg["n_preserve"], gen),
+                                              seed=seed + PRESERVE_SEED_OFFSET, steps=cfg["source_steps"],
+                                              guidance=cfg["source_guidance"]).float()
+        held.append(hs.encode(others, seed=seed))
+    if held:
+        z0 = torch.cat(held)
         hs.generate_from(hs.invert(z0, t0, cfg["inversion_steps"]), t0, steps, chunk=cfg["chunk"], trajectory=keep,
                          decode=False)
     if cfg["n_random"]:
-        noise = torch.randn(cfg["n_random"], *z0.shape[1:] if others is not None else erase[0][0].shape[1:],
-                            generator=gen).to(hs.device)
+        noise = torch.randn(cfg["n_random"], *erase[0][0].shape[1:], generator=gen).to(hs.device)
         hs.generate_from(noise, hs.num_train_timesteps - 1, steps, chunk=cfg["chunk"], trajectory=keep, decode=False)
     timings["keep_s"] = time.perf_counter() - t2
     xe, te, ee = _points(erase)
     keep_pts = _points([(x, t, e) for x, t, e, _ in keep]) if keep else None
 
     # ---------------------------------------------------- training: trajectory distillation
-    n_e = cfg["batch"] // 2 if keep_pts is not None else cfg["batch"]
+    n_e = max(1, cfg["batch"] // 2) if keep_pts is not None else cfg["batch"]
     n_k = cfg["batch"] - n_e if keep_pts is not None else 0
     device = hs.device
 
@@ -190,6 +224,7 @@ def fit_bia(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
                           anchors=cfg["absorb_target"] == "anchor", mode="absorb",
                           trainable_modules=cfg["trainable"], trainable_parameters=res.trainable_parameters,
                           absorb_target_cos=target_cos, regions=regions, erase_points=len(xe),
+                          negatives=sum(len(n) for n in negatives),
                           keep_points=0 if keep_pts is None else len(keep_pts[0]), loss=res.history)
     # wall-clock times go to the log, not the metadata: the same seed must give the same patch bytes
     log.info("bia: %s", ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))

@@ -46,15 +46,15 @@ def _features(encoder, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def wrapper_loss(encoder, edited: torch.Tensor, source: torch.Tensor, mse_weight: float = 1.0,
-                 perceptual_weight: float = 0.5, perceptual_scale: float = 1.0) -> torch.Tensor:
-    """Per image: mse_weight·MSE (images in [-1, 1]) + perceptual_weight·perceptual_scale·relative L1 of early
-    encoder features (mean |f_edit − f_src| / mean |f_src|, per layer, averaged) — the stand-in for VGG-L1."""
+                 perceptual_weight: float = 0.5) -> torch.Tensor:
+    """Per image: mse_weight·MSE (images in [-1, 1]) + perceptual_weight·relative L1 of early encoder
+    features (mean |f_edit − f_src| / mean |f_src|, per layer, averaged) — the stand-in for VGG-L1."""
     src = source.float().cpu().expand_as(edited) if source.shape[0] == 1 else source.float().cpu()
     mse = ((edited.float().cpu() - src) ** 2).flatten(1).mean(1)
     fe, fs = _features(encoder, edited), _features(encoder, src)
     perc = torch.stack([(a - b).abs().flatten(1).mean(1) / b.abs().flatten(1).mean(1).clamp_min(1e-8)
                         for a, b in zip(fe, fs)]).mean(0)
-    return mse_weight * mse + perceptual_weight * perceptual_scale * perc
+    return mse_weight * mse + perceptual_weight * perc
 
 
 # ---------------------------------------------------------------- region
@@ -180,7 +180,7 @@ def push_codes(hs: HSpace, region: Region, deltas: torch.Tensor, source: torch.T
         d = (base[todo] + push[todo, None] * normal).view(len(todo), *region.h_r.shape[1:])
         imgs = hs.generate_from(x_t0, cfg["t0"], cfg["decode_steps"], d, asymmetric=cfg["asymmetric"],
                                 chunk=cfg["chunk"], progress=progress, desc="bia push")
-        lw = wrapper_loss(encoder, imgs, source, cfg["mse_weight"], cfg["perceptual_weight"], cfg["perceptual_scale"])
+        lw = wrapper_loss(encoder, imgs, source, cfg["mse_weight"], cfg["perceptual_weight"])
         if images is None:
             images = torch.zeros(n, *imgs.shape[1:])
         images[todo], loss[todo], tries[todo] = imgs, lw, attempt + 1
