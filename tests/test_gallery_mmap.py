@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -123,6 +124,8 @@ def test_save_open_round_trip(tmp_path, dtype):
             assert float((v - emb).abs().max()) <= float(emb.abs().max(1).values.max()) / 254 + 1e-6
         # the stored rows of the file ARE the gallery: load() reads them whole as unit rows
         torch.testing.assert_close(ff.gallery.load(path), F.normalize(v.double(), dim=1).float())
+        copy = pickle.loads(pickle.dumps(gf))  # e.g. sent to a Ray worker: by path, a few hundred bytes
+        assert len(pickle.dumps(gf)) < 1000 and copy.shape == gf.shape and torch.equal(copy.values(), v)
     size = os.path.getsize(path)
     assert size == 4096 + 300 * 512 * (2 if dtype == "float16" else 1) + (4 * 300 + 0 if dtype == "int8" else 0)
 

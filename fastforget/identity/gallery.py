@@ -301,6 +301,12 @@ class GalleryFile:
             os.close(self._fd)
             self._fd = None
 
+    def __getstate__(self):  # pickled by path (to a worker process): never the rows themselves
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
     def __enter__(self):
         return self
 
