@@ -48,8 +48,9 @@ def arc2face(args, enc) -> tuple[list[str], dict]:
     model = ff.load("demo")
     t0 = time.perf_counter()
     fits = {"unedited": (model, 0.0, None)}
+    hm = args.hardened
     for name, method, opts in (("closed_form", "closed_form", {}), ("uce", "uce", {})) + tuple(
-            (f"closed_form +{r} rounds", "closed_form", {"adversarial_rounds": r, "adversarial_steps": args.round_steps})
+            (f"{hm} +{r} rounds", hm, {"adversarial_rounds": r, "adversarial_steps": args.round_steps})
             for r in range(1, args.rounds + 1)):
         ts = time.perf_counter()
         res = ff.erase(model, [0], method=method, encoder=enc, report=False, progress=False, **opts)
@@ -64,7 +65,7 @@ def arc2face(args, enc) -> tuple[list[str], dict]:
                                           checkpoints=sorted({0, args.budget // 4, args.budget // 2}),
                                           photo_starts=1, random_starts=args.random_starts, n_verify=args.n_verify,
                                           progress=False))
-        if not name.startswith("closed_form +") or name.endswith(f"+{args.rounds} rounds"):
+        if not name.startswith(f"{hm} +") or name.endswith(f"+{args.rounds} rounds"):
             r["relearn"] = _short(ff.attack(m, [0], encoder=enc, kind="relearn", budget=args.relearn_steps,
                                             n_verify=args.n_verify, progress=False))
         if name != "unedited":
@@ -85,12 +86,12 @@ def arc2face(args, enc) -> tuple[list[str], dict]:
               "fine-tuning steps on 3 target photos", "",
               "ASR vs white-box budget (Adam steps)"]
     for r in rows:
-        if r["method"] in ("unedited", "closed_form", f"closed_form +{args.rounds} rounds"):
+        if r["method"] in ("unedited", hm, f"{hm} +{args.rounds} rounds"):
             lines.append(f"  {r['method']:<22}" + "  ".join(f"{c['budget']:>3}: {c['asr']:.2f}"
                                                              for c in r["white-box"]["curve"]))
-    lines += ["", f"{'rounds':>6} {'white-box ASR':>14} {'black-box ASR':>14} {'AccR':>6} {'AccR/unedited':>14} "
+    lines += ["", f"hardened {hm}:", f"{'rounds':>6} {'white-box ASR':>14} {'black-box ASR':>14} {'AccR':>6} {'AccR/unedited':>14} "
               f"{'fit s':>7} {'s/round':>8}"]
-    hard = [r for r in rows if r["method"] == "closed_form"] + [r for r in rows if r["method"].startswith("closed_form +")]
+    hard = [r for r in rows if r["method"] == hm] + [r for r in rows if r["method"].startswith(f"{hm} +")]
     for i, r in enumerate(hard):
         per_round = (sum(x["seconds"] for x in r["rounds"]) / len(r["rounds"])) if r.get("rounds") else 0.0
         lines.append(f"{i:>6} {r['white-box']['asr']:>14.3f} {r['black-box']['asr']:>14.3f} {r['acc_r']:>6.3f} "
@@ -165,6 +166,8 @@ def main(argv=None):
     ap.add_argument("--relearn-steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=2, help="hardened closed_form: adversarial rounds")
     ap.add_argument("--round-steps", type=int, default=10, help="hardened closed_form: search steps per round")
+    ap.add_argument("--hardened", choices=["closed_form", "uce"], default="closed_form",
+                    help="the closed-form method hardened with adversarial_rounds")
     ap.add_argument("--verify-n", type=int, default=2, help="generations per identity for AccR")
     ap.add_argument("--gan-budget", type=int, default=100)
     ap.add_argument("--guide-steps", type=int, default=40)
