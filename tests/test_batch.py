@@ -147,8 +147,9 @@ def test_withdrawal_restores_that_person_and_keeps_the_others_erased(demo_model,
     for i in (0, 2, 3):
         assert moved_back[i] > 0.8 * moved_erased[i]
     # what a user sees: req-b's generation is the unedited one again, req-a's is still someone else
-    g0 = encoder.encode_tensor(demo_model.generate_tensor(e[:2], seed=3, steps=10))
-    g_back = encoder.encode_tensor(back.model.generate_tensor(e[:2], seed=3, steps=10))
+    with torch.no_grad():
+        g0 = encoder.encode_tensor(demo_model.generate_tensor(e[:2], seed=3, steps=10))
+        g_back = encoder.encode_tensor(back.model.generate_tensor(e[:2], seed=3, steps=10))
     assert float(g0[1] @ g_back[1]) > 0.9
     assert float(g_back[0] @ e[0]) < 0.5 * float(g0[0] @ e[0])
     assert [r["status"] for r in back.ledger["requests"]] == ["erased", "withdrawn", "erased"]
@@ -245,3 +246,23 @@ def test_mlp_structure_is_incremental_and_withdrawable(demo_model, queue):
     assert back.report.metrics["withdrawn_movement"] < 0.2 * full.report.metrics["target_residual"] + 0.2
     with pytest.raises(InputError, match="structure"):
         ff.erase_batch(demo_model, queue, structure="dense", progress=False)
+
+
+def test_a_target_inside_the_preservation_gallery_is_left_out_and_put_back(demo_model, encoder):
+    """A gallery row that is the target would be held and erased at once: the batch leaves it out (as
+    ff.erase does), the same as a gallery without it, and a withdrawal holds it again."""
+    e = _emb(encoder, [7700, 7701])
+    others = _emb(encoder, range(7710, 7740))
+    gallery = torch.cat([others[:10], e[:1], others[10:]])
+    req = [{"id": "in-gallery", "targets": [e[0].tolist()]}, {"id": "other", "targets": [e[1].tolist()]}]
+    res = ff.erase_batch(demo_model, req, preserve=gallery, progress=False)
+    assert res.statistics.requests[0].dropped == [10] and res.statistics.requests[1].dropped == []
+    ref = ff.erase_batch(demo_model, req, preserve=others, progress=False)
+    a, a_ref = res.statistics.normal_equations()[0], ref.statistics.normal_equations()[0]
+    assert torch.allclose(a, a_ref, rtol=1e-9, atol=1e-6 * float(a_ref.abs().max()))
+    back = ff.withdraw(res, ["in-gallery"])
+    full = ff.erase_batch(demo_model, req[1:], preserve=gallery, progress=False)  # nobody drops row 10
+    held = back.statistics.normal_equations()[0] - full.statistics.normal_equations()[0]
+    s = back.statistics.requests[0].src.double()  # what remains: exactly the withdrawn person's held rows
+    w_r = back.statistics.config["retain_weight"]
+    assert torch.allclose(held, w_r * s.T @ s, atol=1e-6 * float(held.abs().max()))
