@@ -20,6 +20,9 @@ back as the unedited model draws them), and either equals one solve over the res
 statistics.safetensors is derived from the targets' embeddings: keep it under the same access rules as
 the requests themselves, and delete it when the requests are final (the ledger never holds it).
 
+`structure="mlp"` solves the same least squares on the last text-encoder MLP's output projection, keyed by
+its hidden activations (incremental and withdrawable alike); benchmarks/batch_capacity.py measures both.
+
 Requests are checked (typed errors naming the line and the field) before the model is loaded.
 """
 from __future__ import annotations
@@ -48,7 +51,7 @@ STRUCTURES = ("kv", "mlp")
 # D x D map, and preserved rows must be held harder there (their keys overlap the targets' more)
 MLP_DEFAULTS = {"preserve_weight": 2.0, "neighbours": 0}
 MAX_ID_LENGTH = 200
-# identities the erased model drew from at the id-token: a preservation row this close to a target is the target
+# a preservation row this close to a target is the target (held and erased at once): left out, as erase() does
 DROP_COS = 0.9
 
 
