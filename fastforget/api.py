@@ -202,6 +202,8 @@ def _erase_latent_generator(model, targets, method, fit, retain, encoder, seed, 
         emb = encoder.encode(photos, name="targets").float()
         extra = {"target_images": photos}
     ret = as_image_batch(retain, "retain") if retain is not None else None
+    if ret is not None:
+        extra["retain_images"] = ret  # methods that can hold people fixed (guide) invert and keep them
     emb = F.normalize(emb, dim=1)
     request = ErasureRequest(emb, emb, None, None, salt=salt, extra=extra, encoder=encoder)
     t0 = time.perf_counter()

@@ -53,7 +53,7 @@ GUIDE_DEFAULTS = {
     "neighbour_radius": 1.5,    # where they start, in spreads from w_u (other photos invert 1.2-1.8 away)
     "neighbour_steps": 40,      # Adam steps pulling each one back to the target's identity
     "neighbour_batch": 2,       # neighbours in each step's local term
-    "global_mix": 0.0,          # share of the global batch drawn as style-mixed W+ (inverted photos are W+)
+    "global_mix": 0.0,          # share of the global batch drawn as W+ with an independent w per style input
     "global_id_weight": 0.0,    # ID term in the global loss (others keep who they are)
 }
 MAX_STEPS = 100_000
@@ -200,11 +200,10 @@ def fit_guide_like(name: str, model, request: ErasureRequest, *, seed: int, prog
         with torch.no_grad():
             return model.mapping(z)[:, None, :].expand(n, model.n_latent, model.style_dim).contiguous()
 
-    def mixed_w(n):  # style mixing (StyleGAN2's mixing regularisation): layers < c from one w, the rest another
-        a, b = random_w(n), random_w(n)
-        cut = torch.randint(1, model.n_latent, (n,), generator=gen)
-        layer = torch.arange(model.n_latent)[None, :, None]
-        return torch.where(layer < cut[:, None, None], a, b)
+    def mixed_w(n):  # an independent w per style input: inverted photos' W+ vary layer to layer like this
+        z = torch.randn(n * model.n_latent, model.style_dim, generator=gen)
+        with torch.no_grad():
+            return model.mapping(z).view(n, model.n_latent, model.style_dim)
 
     m = cfg["neighbours"] if use_id else 0
     if cfg["neighbours"] and not use_id:
@@ -216,6 +215,14 @@ def fit_guide_like(name: str, model, request: ErasureRequest, *, seed: int, prog
         with torch.no_grad():  # each neighbour goes where its offset from w_u takes the UFO target
             y_nb = model.synthesis(w_t.repeat_interleave(m, 0) + (w_nb - w_u.repeat_interleave(m, 0)))
     n_mix = round(cfg["global_batch"] * cfg["global_mix"])
+    w_keep = y_keep = None
+    if request.extra.get("retain_images") is not None and cfg["global_batch"] and cfg["global_weight"] > 0:
+        # ours: people the caller named to keep are inverted like the target and held where G₀ draws them
+        kw = {} if cfg["invert_steps"] is None else {"steps": cfg["invert_steps"]}
+        w_keep = model.invert(request.extra["retain_images"], encoder=enc if use_id else None, seed=seed + 1,
+                              progress=progress, **kw).detach().float()
+        with torch.no_grad():
+            y_keep = model.synthesis(w_keep)
 
     bar = tqdm(range(cfg["steps"]), desc=f"{name}: unlearning", disable=not progress, leave=False)
     last = float("nan")
@@ -238,7 +245,7 @@ def fit_guide_like(name: str, model, request: ErasureRequest, *, seed: int, prog
             loss = loss + _terms(student.synthesis(w_nb[idx]), y_nb[idx], enc, cfg, use_id)
         if cfg["global_batch"] and cfg["global_weight"] > 0:
             nb = cfg["global_batch"]
-            w = random_w(nb - n_mix) if not n_mix else torch.cat([random_w(nb - n_mix), mixed_w(n_mix)])
+            w = torch.cat([f(c) for f, c in ((random_w, nb - n_mix), (mixed_w, n_mix)) if c])
             with torch.no_grad():
                 y_g = model.synthesis(w)
             x_g = student.synthesis(w)
@@ -246,6 +253,15 @@ def fit_guide_like(name: str, model, request: ErasureRequest, *, seed: int, prog
             if use_id and cfg["global_id_weight"] > 0:
                 ex, ey = F.normalize(enc.encode_tensor(x_g), dim=-1), F.normalize(enc.encode_tensor(y_g), dim=-1)
                 g_loss = g_loss + cfg["global_id_weight"] * (1 - (ex * ey).sum(-1)).mean()
+            if w_keep is not None:
+                idx = torch.randint(0, len(w_keep), (nb,), generator=gen)
+                x_k = student.synthesis(w_keep[idx])
+                k_loss = cfg["perceptual_weight"] * laplacian_l1(x_k, y_keep[idx]).mean()
+                if use_id and cfg["global_id_weight"] > 0:
+                    ex = F.normalize(enc.encode_tensor(x_k), dim=-1)
+                    ey = F.normalize(enc.encode_tensor(y_keep[idx]), dim=-1)
+                    k_loss = k_loss + cfg["global_id_weight"] * (1 - (ex * ey).sum(-1)).mean()
+                g_loss = g_loss + k_loss
             loss = loss + cfg["global_weight"] * g_loss
         loss.backward()
         opt.step()
@@ -256,7 +272,7 @@ def fit_guide_like(name: str, model, request: ErasureRequest, *, seed: int, prog
     new = {n: sp[n.partition(".")[2]].detach().clone() for n in names}
     new = {n: v for n, v in new.items() if not torch.equal(v, model.generator.get_parameter(n.partition(".")[2]))}
     meta = {"method": name, "config": {k_: v for k_, v in cfg.items()}, "seed": seed, "id_loss": use_id,
-            "neighbours_mined": m,
+            "neighbours_mined": m, "retained_people": 0 if w_keep is None else len(w_keep),
             "final_loss": last, "spread": spread(model),
             "targets": fingerprint_embeddings(request.targets, request.salt), "version": __version__}
     return Patch.from_edit(model, new, meta)

@@ -472,7 +472,7 @@ class StyleGAN2Model(nn.Module):
         else:
             from fastforget.identity.encoder import as_image_batch
 
-            xs = [torch.from_numpy(a).permute(2, 0, 1)[None].float().div(127.5).sub(1) for a in
+            xs = [torch.as_tensor(np.array(a)).permute(2, 0, 1)[None].float().div(127.5).sub(1) for a in  # copy: read-only input
                   as_image_batch(images, name=name)]
         out = []
         for x in xs:
