@@ -112,9 +112,9 @@ def arc2face(args, enc) -> tuple[list[str], dict]:
 def gan(args, enc) -> tuple[list[str], dict]:
     model = ff.load("demo-gan")
     t0 = time.perf_counter()
-    photo, _ = ff.testbed.render([0], 1, seed=0)
+    photos, _ = ff.testbed.render([0], 8, seed=0)  # the photos ff.attack renders for id 0: the first is erased
     ts = time.perf_counter()
-    res = ff.erase(model, list(photo), method="guide", encoder=enc, report=False, progress=False,
+    res = ff.erase(model, [photos[0]], method="guide", encoder=enc, report=False, progress=False,
                    steps=args.guide_steps)
     fit_s = time.perf_counter() - ts
     rows = []

@@ -38,12 +38,13 @@ def run_embedding(model, encoder, targets, *, budget: int, checkpoints, threshol
 
 
 def run_neighbours(model, encoder, targets, *, per_level: int, threshold: float, seed: int, progress: bool,
-                   label: str, source=None, invert_steps: int = 100) -> dict:
-    """`source`: the generator the target's latent is taken from (the unedited one when given)."""
+                   label: str, source=None) -> dict:
+    """`source`: the generator the target's latent is taken from (the unedited one when given), projected with
+    invert's defaults (as erase projects the photos it is given)."""
     source = model if source is None else source
     sims, rows = [], []
     for ti, t in enumerate(tqdm(targets, desc=f"latent neighbours ({label})", disable=not progress, leave=False)):
-        w_t = source.invert(t["images"][:1], encoder=encoder, steps=invert_steps, seed=seed, progress=False)
+        w_t = source.invert(t["images"][:1], encoder=encoder, seed=seed, progress=False)
         for i, a in enumerate(NEIGHBOUR_COS):
             w_r = model.latents(seed=seed + 1000 * (i + 1) + 97 * ti, n=per_level)
             w_r = w_r[:, None].expand(-1, model.n_latent, -1) if w_r.ndim == 2 else w_r
