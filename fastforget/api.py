@@ -36,7 +36,11 @@ class ErasureResult:
             self.patch.save(tmp / "patch.safetensors")
             if self.report is not None:
                 self.report.save(tmp)
+            self._write_extra(tmp)
         return Path(directory)
+
+    def _write_extra(self, tmp: Path) -> None:
+        """Subclasses add their files (a batch's ledger and statistics) inside the same atomic write."""
 
 
 def _resolve_preserve(preserve, model, encoder_fn, seed: int, progress: bool):

@@ -492,18 +492,10 @@ class BatchResult(ErasureResult):
     statistics: BatchStatistics = None
     base: object = None          # the unedited model (the patch's originals): kept for incremental work
 
-    def save(self, directory, overwrite: bool = False) -> Path:
-        """model/ + patch.safetensors + report.json + ledger.json + statistics.safetensors, atomically."""
-        from fastforget.io import atomic_directory
-
-        with atomic_directory(directory, overwrite=overwrite) as tmp:
-            self.model.save_pretrained(tmp / "model")
-            self.patch.save(tmp / "patch.safetensors")
-            if self.report is not None:
-                self.report.save(tmp)
-            (tmp / "ledger.json").write_text(json.dumps(self.ledger, indent=2, sort_keys=True))
-            self.statistics.save(tmp / "statistics.safetensors")
-        return Path(directory)
+    def _write_extra(self, tmp: Path) -> None:
+        """save() (ErasureResult's, atomic) writes model/ + patch + report, then ledger.json + statistics."""
+        (tmp / "ledger.json").write_text(json.dumps(self.ledger, indent=2, sort_keys=True))
+        self.statistics.save(tmp / "statistics.safetensors")
 
 
 def _now() -> str:
