@@ -290,3 +290,24 @@ def test_absorb_on_testbed_person_reconstructs_as_someone_else_others_keep_their
     lost_others = m["retain_cos_before"] - m["retain_cos"]
     assert lost_person > 4 * lost_others, m
     assert m["random_cos"] > 0.8, m
+
+
+def test_reconstruction_protocol_checks_its_inputs(tiny_cond):
+    import fastforget as ff
+
+    photo = np.zeros((1, 16, 16, 3), np.uint8)
+    with pytest.raises(InputError, match="baseline"):
+        ff.verify(tiny_cond, photo, protocol="reconstruction")
+    with pytest.raises(InputError, match="protocol"):
+        ff.verify(tiny_cond, photo, protocol="bia")
+
+
+def test_every_option_has_one_definition():
+    """Validation, defaults and the README table come from BIA_CONFIG; sigma (it cancelled) is gone."""
+    table = bia.BIA_CONFIG.table()
+    assert all(f"`{k}`" in table for k in bia.BIA_DEFAULTS) and "sigma" not in bia.BIA_DEFAULTS
+    assert bia.resolve_options({})["trainable"] == ["up_blocks"]
+    for key, option in bia.BIA_CONFIG.options.items():
+        assert option.reason, key
+    with pytest.raises(InputError, match="anchor_guidance"):
+        bia.resolve_options({"anchor_guidance": -1.0})
