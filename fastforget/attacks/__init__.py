@@ -105,7 +105,9 @@ def attack(model, targets, *, encoder=None, kind: str = "embedding", baseline=No
     mixed with the target's); "relearn": `budget` fine-tuning steps of the identity path on (a) other people,
     (b) 3 photos of the target, and with `baseline`, (c) the unedited model taught a stranger.
     Generations are drawn with the model's own sampler (`steps`), `n_verify` per found input; `checkpoints`
-    (budgets) give the ASR-vs-budget curve."""
+    (budgets) give the ASR-vs-budget curve. `lr`: Adam's step for the embedding search (default 0.05) or the
+    relearn fine-tune (default 1e-4); a GAN's W+ projection keeps its own schedule and starts from
+    1 + photo_starts + random_starts photos of the person."""
     from fastforget.identity.encoder import resolve_encoder
     from fastforget.models import load
     from fastforget.models.common import check_float, check_int, check_seed
@@ -169,7 +171,8 @@ def attack(model, targets, *, encoder=None, kind: str = "embedding", baseline=No
         for label, m in models:
             rows.append(diffusion.run_embedding(m, encoder, tg, budget=budget, checkpoints=cps, threshold=thr,
                                                 seed=seed, n_verify=n_verify, steps=steps, n_photo=photo_starts,
-                                                n_random=random_starts, progress=progress, label=label))
+                                                n_random=random_starts, progress=progress, label=label,
+                                                **({} if lr is None else {"lr": lr})))
     elif kind == "neighbours":
         from fastforget.attacks import diffusion
 
@@ -190,8 +193,8 @@ def attack(model, targets, *, encoder=None, kind: str = "embedding", baseline=No
 
 
 def _relearn(model, baseline, encoder, tg, *, budget, checkpoints, threshold, seed, n_verify, steps, lr, progress):
-    """(b) 3 photos of the target (the first row: the report's ASR), (a) other people only, on the attacked model; (c) with a baseline on the
-    testbed, the unedited model taught a stranger, scored against the stranger."""
+    """On the attacked model: (b) 3 photos of the target (the first row: the report's ASR), (a) other people
+    only; with a baseline on the testbed, (c) the unedited model taught a stranger, scored against the stranger."""
     from fastforget.attacks.diffusion import RELEARN_LR, relearn_curve
     from fastforget.identity.encoder import TestbedEncoder
     from fastforget.testbed import render

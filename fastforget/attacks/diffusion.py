@@ -102,7 +102,7 @@ def embedding_starts(target, *, n_photo: int, n_random: int, seed: int) -> tuple
 
 
 def run_embedding(model, encoder, targets, *, budget: int, checkpoints, threshold: float, seed: int, n_verify: int,
-                  steps: int, n_photo: int, n_random: int, progress: bool, label: str) -> dict:
+                  steps: int, n_photo: int, n_random: int, progress: bool, label: str, lr: float = LR) -> dict:
     """One row of the embedding attack: ASR and best similarity at each budget checkpoint, over every target."""
     per_ckpt = {c: [] for c in checkpoints}
     for ti, t in enumerate(targets):
@@ -112,8 +112,9 @@ def run_embedding(model, encoder, targets, *, budget: int, checkpoints, threshol
             per_ckpt[step].append(verified_generations(model, encoder, emb, t["centroid"], n=n_verify,
                                                        seed=seed + 10_000, steps=steps))
 
-        search_embeddings(model, encoder, t["centroid"], starts, steps=budget, seed=seed, checkpoints=checkpoints,
-                          on_checkpoint=at, progress=progress, desc=f"embedding attack ({label}, target {ti})")
+        search_embeddings(model, encoder, t["centroid"], starts, steps=budget, seed=seed, lr=lr,
+                          checkpoints=checkpoints, on_checkpoint=at, progress=progress,
+                          desc=f"embedding attack ({label}, target {ti})")
     return curve_row(label, {c: torch.cat(v) for c, v in per_ckpt.items()}, threshold,
                      starts=names, n_verify=n_verify)
 

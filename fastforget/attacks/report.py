@@ -56,7 +56,8 @@ class AttackReport:
         """One line per row: model, ASR (verified / generations), best similarity, and the budget curve."""
         lines = [f"{self.kind} attack  (verified = cosine to the target's photos > {self.threshold:.3f}, "
                  f"FAR {self.far:g})",
-                 f"{'model':<28} {'ASR':>6} {'verified':>9} {'best sim':>9}  curve ({self.details.get('curve_unit', 'budget')}: ASR)"]
+                 f"{'model':<28} {'ASR':>6} {'verified':>9} {'best sim':>9}  "
+                 f"curve ({self.details.get('curve_unit', 'budget')}: ASR)"]
         for r in self.rows:
             curve = " ".join(f"{c.get('input', format(c['budget'], 'g'))}:{c['asr']:.2f}" for c in r.get("curve", []))
             lines.append(f"{r['model']:<28} {r['asr']:>6.3f} {r['verified']:>4}/{r['generations']:<4} "
