@@ -160,8 +160,13 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
     else:
         anchors = check_embeddings(anchor, name="anchor")
     check_request(tgt, anchors, ret)
+    extra = {"target_sets": target_sets}
+    if not is_id_list(targets) and not is_embedding_like(targets):  # photos: methods that work from images
+        from fastforget.identity.encoder import as_image_batch  # (bia inverts them) get them, never stored
+
+        extra["target_images"] = as_image_batch(targets, "targets")
     request = ErasureRequest(tgt, anchors, ret, pres.embeddings if pres is not None else None, salt=salt,
-                             extra={"target_sets": target_sets}, encoder=encoder)
+                             extra=extra, encoder=encoder)
     t0 = time.perf_counter()
     patch = fit(model, request, seed=seed, progress=progress, **options)
     fit_s = time.perf_counter() - t0

@@ -243,3 +243,28 @@ def test_verify_refuses_nonfinite_guidance_before_work(demo_model, monkeypatch):
     for kw in ({"guidance": float("nan")}, {"n": 0}, {"neighbours": 0}, {"salt": 123}):
         with pytest.raises(InputError, match=next(iter(kw))):
             ff.verify(demo_model, [0], **kw)
+
+
+def test_methods_receive_the_photos_of_photo_targets_and_only_then():
+    """erase() hands photo targets to the method (BIA inverts the photo, as BIA measures), one per
+    identity; ids and embeddings carry none. The photos never reach the patch metadata."""
+    from fastforget.methods.base import _REGISTRY, register_method
+
+    seen = []
+
+    @register_method("_capture_extra")
+    def _capture(model, request, *, seed=0, progress=True, **options):
+        seen.append(request.extra.get("target_images"))
+        raise ff.errors.FitError("captured")
+
+    try:
+        model, enc = ff.load("demo"), ff.load_encoder("demo")
+        photos, _ = ff.testbed.render([3, 4], 1, seed=0)
+        for targets in (list(photos), [3, 4], enc.encode(photos)):
+            with pytest.raises(ff.errors.FitError, match="captured"):
+                ff.erase(model, targets, method="_capture_extra", encoder=enc, anchor=enc.encode(photos[::-1]), report=False,
+                         progress=False)
+    finally:
+        _REGISTRY.pop("_capture_extra", None)
+    assert len(seen[0]) == 2 and np.array_equal(seen[0][1], photos[1])
+    assert seen[1] is None and seen[2] is None

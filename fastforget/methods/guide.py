@@ -32,49 +32,50 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from fastforget import __version__
 from fastforget.errors import InputError
-from fastforget.methods.base import ErasureRequest, check_int, check_number, merge_options, register_method
-from fastforget.patch import Patch, fingerprint_embeddings
+from fastforget.methods.base import ErasureRequest, MethodConfig, Option, patch_metadata, register_method
+from fastforget.patch import Patch
 
 log = logging.getLogger("fastforget")
 
-GUIDE_DEFAULTS = {
-    "steps": 1000, "lr": 1e-4,
-    "distance": 1.0,            # d, in units of model.w_spread (GUIDE: 30 on EG3D)
-    "alpha_max": 0.5,           # adjacency radius α_max, in units of model.w_spread (GUIDE: 15 on EG3D)
-    "adjacency_batch": 2, "global_batch": 2,
-    "mse_weight": 1e-2, "perceptual_weight": 1.0, "id_weight": 0.1,
-    "adjacency_weight": 1.0, "global_weight": 1.0,
-    "target": "extra",          # "extra" (UFO, GUIDE) | "average" (GUIDE's baseline: w_t = w_avg)
-    "invert_steps": None,       # inversion steps (None: the adapter's default)
-    # ours (0 = GUIDE as published), see the module docstring:
-    "neighbours": 0,            # identity neighbours mined per target (same person, other latents)
-    "neighbour_radius": 1.5,    # where they start, in spreads from w_u (other photos invert 1.2-1.8 away)
-    "neighbour_steps": 40,      # Adam steps pulling each one back to the target's identity
-    "neighbour_batch": 2,       # neighbours in each step's local term
-    "global_mix": 0.0,          # share of the global batch drawn as W+ with an independent w per style input
-    "global_id_weight": 0.0,    # ID term in the global loss (others keep who they are)
-}
-MAX_STEPS = 100_000
+GUIDE_CONFIG = MethodConfig("guide", {
+    "steps": Option(1000, "int", "GUIDE's schedule (unlearn.py: 1,000 iterations)", lo=1, hi=100_000, source="paper"),
+    "lr": Option(1e-4, "float", "GUIDE's Adam learning rate", lo=0.0, strict=True, hi=1.0, source="paper"),
+    "distance": Option(1.0, "float", "UFO distance d in spreads (GUIDE's d = 30 on EG3D-FFHQ, about one typical "
+                       "person's distance from the average)", lo=0.0),
+    "alpha_max": Option(0.5, "float", "adjacency radius in spreads (GUIDE's α_max / d = 15 / 30)", lo=0.0),
+    "adjacency_batch": Option(2, "int", "GUIDE's adjacency batch", lo=0, hi=1024, source="paper"),
+    "global_batch": Option(2, "int", "GUIDE's global-preservation batch", lo=0, hi=1024, source="paper"),
+    "mse_weight": Option(1e-2, "float", "GUIDE's local / adjacency MSE weight", lo=0.0, source="paper"),
+    "perceptual_weight": Option(1.0, "float", "GUIDE's perceptual weight (here a Laplacian-pyramid L1: no "
+                                "LPIPS weights can be shipped)", lo=0.0, source="paper"),
+    "id_weight": Option(0.1, "float", "GUIDE's ID weight (needs a differentiable encoder)", lo=0.0, source="paper"),
+    "adjacency_weight": Option(1.0, "float", "GUIDE weighs its three losses equally", lo=0.0, source="paper"),
+    "global_weight": Option(1.0, "float", "GUIDE weighs its three losses equally; 5 keeps other people better "
+                            "and catches fewer other photos (README sweep)", lo=0.0, source="paper"),
+    "target": Option("extra", "choice", "UFO (GUIDE); 'average' is GUIDE's own baseline (w_t = w_avg)",
+                     choices=("extra", "average"), source="paper"),
+    "invert_steps": Option(None, "int", "inversion steps (None: the adapter's default, 300)", lo=1, hi=100_000),
+    "neighbours": Option(0, "int", "identity neighbours mined per target (0 = GUIDE as published; 8 catches "
+                         "more of the person's other photos at a cost to other people, README sweep)", lo=0, hi=1024),
+    "neighbour_radius": Option(1.5, "float", "where neighbours start, in spreads from w_u (other photos of a "
+                               "testbed person invert 1.2-1.8 spreads away)", lo=0.0),
+    "neighbour_steps": Option(40, "int", "Adam steps pulling each neighbour back to the target's identity", lo=0,
+                              hi=100_000),
+    "neighbour_batch": Option(2, "int", "neighbours in each step's local term (as GUIDE's adjacency batch)", lo=0,
+                              hi=1024),
+    "global_mix": Option(0.0, "float", "share of the global batch drawn with an independent w per style input "
+                         "(inverted photos' W+ look like that; 0 = GUIDE)", lo=0.0, hi=1.0),
+    "global_id_weight": Option(0.0, "float", "ID term in the global loss, also on retain= people (0 = GUIDE)",
+                               lo=0.0),
+})
+GUIDE_DEFAULTS = GUIDE_CONFIG.defaults
+AVERAGE_CONFIG = MethodConfig("guide_average", {**GUIDE_CONFIG.options, "target": Option(
+    "average", "choice", "GUIDE's baseline: w_t = w_avg", choices=("extra", "average"), source="paper")})
 
 
-def resolve_options(options: dict, name: str = "guide", defaults: dict | None = None) -> dict:
-    cfg = merge_options(name, defaults or GUIDE_DEFAULTS, options)
-    check_int(name, cfg, "steps", 1, MAX_STEPS)
-    check_number(name, cfg, "lr", 0.0, strict=True, hi=1.0)
-    for k in ("distance", "alpha_max", "mse_weight", "perceptual_weight", "id_weight", "adjacency_weight",
-              "global_weight", "neighbour_radius", "global_id_weight"):
-        check_number(name, cfg, k, 0.0)
-    check_number(name, cfg, "global_mix", 0.0, hi=1.0)
-    for k in ("adjacency_batch", "global_batch", "neighbours", "neighbour_batch"):
-        check_int(name, cfg, k, 0, 1024)
-    check_int(name, cfg, "neighbour_steps", 0, MAX_STEPS)
-    if cfg["target"] not in ("extra", "average"):
-        raise InputError(f"{name}: option 'target' must be 'extra' or 'average', got {cfg['target']!r}")
-    if cfg["invert_steps"] is not None:
-        check_int(name, cfg, "invert_steps", 1, MAX_STEPS)
-    return cfg
+def resolve_options(options: dict, name: str = "guide", config: MethodConfig | None = None) -> dict:
+    return (config or GUIDE_CONFIG).resolve(options)
 
 
 # ---------------------------------------------------------------- losses
@@ -271,10 +272,9 @@ def fit_guide_like(name: str, model, request: ErasureRequest, *, seed: int, prog
     sp = dict(student.generator.named_parameters())
     new = {n: sp[n.partition(".")[2]].detach().clone() for n in names}
     new = {n: v for n, v in new.items() if not torch.equal(v, model.generator.get_parameter(n.partition(".")[2]))}
-    meta = {"method": name, "config": {k_: v for k_, v in cfg.items()}, "seed": seed, "id_loss": use_id,
-            "neighbours_mined": m, "retained_people": 0 if w_keep is None else len(w_keep),
-            "final_loss": last, "spread": spread(model),
-            "targets": fingerprint_embeddings(request.targets, request.salt), "version": __version__}
+    meta = patch_metadata(name, dict(cfg), request, seed, anchors=False, id_loss=use_id, neighbours_mined=m,
+                          retained_people=0 if w_keep is None else len(w_keep), final_loss=last,
+                          spread=spread(model))
     return Patch.from_edit(model, new, meta)
 
 
@@ -283,11 +283,8 @@ def fit_guide(model, request: ErasureRequest, *, seed: int = 0, progress: bool =
     return fit_guide_like("guide", model, request, seed=seed, progress=progress, cfg=resolve_options(options))
 
 
-AVERAGE_DEFAULTS = {**GUIDE_DEFAULTS, "target": "average"}
-
-
-@register_method("guide_average", validate=lambda o: resolve_options(o, "guide_average", AVERAGE_DEFAULTS),
+@register_method("guide_average", validate=lambda o: resolve_options(o, "guide_average", AVERAGE_CONFIG),
                  requires=("synthesis", "invert", "w_avg"))
 def fit_guide_average(model, request: ErasureRequest, *, seed: int = 0, progress: bool = True, **options) -> Patch:
     return fit_guide_like("guide_average", model, request, seed=seed, progress=progress,
-                          cfg=resolve_options(options, "guide_average", AVERAGE_DEFAULTS))
+                          cfg=resolve_options(options, "guide_average", AVERAGE_CONFIG))
