@@ -69,9 +69,23 @@ def _files(folder: Path) -> dict:
     return out
 
 
+def _one_thread(fn):
+    """Ray workers run one torch thread each; float reductions differ between thread counts, so the
+    single-process reference runs with one thread too (bytes are equal at equal thread counts)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_ray_jobs_equal_a_single_process_run(local_ray, tmp_path, encoder):
     queues = _queues(tmp_path, encoder)
-    one = run_jobs([BatchJob("demo", q, str(tmp_path / "single" / Path(q).stem)) for q in queues], progress=False)
+    one = _one_thread(lambda: run_jobs([BatchJob("demo", q, str(tmp_path / "single" / Path(q).stem))
+                                        for q in queues], progress=False))
     two = run_jobs([BatchJob("demo", q, str(tmp_path / "ray" / Path(q).stem)) for q in queues], workers=2,
                    progress=False)
     assert [r["patch"] for r in one] == [r["patch"] for r in two]
@@ -86,7 +100,7 @@ def test_a_killed_worker_is_retried_without_a_half_written_output(local_ray, tmp
     job.marker = str(tmp_path / "killed")
     (res,) = run_jobs([job], workers=2, progress=False)
     assert Path(job.marker).exists()  # the first attempt did die mid-write
-    (ref,) = run_jobs([BatchJob("demo", q, str(tmp_path / "ref"))], progress=False)
+    (ref,) = _one_thread(lambda: run_jobs([BatchJob("demo", q, str(tmp_path / "ref"))], progress=False))
     assert res["patch"] == ref["patch"]
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
@@ -99,7 +113,8 @@ def test_verification_jobs_over_ray_equal_in_process(local_ray, tmp_path, encode
     q = _queues(tmp_path, encoder)[0]
     run_jobs([BatchJob("demo", q, str(tmp_path / "out"))], progress=False)
     kw = dict(sample=2, n=1, steps=4)
-    (a,) = run_jobs([VerifyJob(str(tmp_path / "out"), q, str(tmp_path / "v1.json"), **kw)], progress=False)
+    (a,) = _one_thread(lambda: run_jobs([VerifyJob(str(tmp_path / "out"), q, str(tmp_path / "v1.json"), **kw)],
+                                        progress=False))
     (b,) = run_jobs([VerifyJob(str(tmp_path / "out"), q, str(tmp_path / "v2.json"), **kw)], workers=2,
                     progress=False)
     assert a["metrics"] == b["metrics"] and a["requests"] == ["week1-0", "week1-1"]
