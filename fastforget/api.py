@@ -82,6 +82,22 @@ def _same_person(a: torch.Tensor, b: torch.Tensor, what_a: str, what_b: str) -> 
                             f"{SAME_PERSON_COS}, the same person): a person cannot be both forgotten and retained")
 
 
+def _fit_checked(method, fit, model, request, seed, progress, options):
+    """Run the method; refuse non-finite weights (nothing applied); the erased copy shares every other tensor."""
+    from fastforget.errors import FitError
+
+    t0 = time.perf_counter()
+    patch = fit(model, request, seed=seed, progress=progress, **options)
+    fit_s = time.perf_counter() - t0
+    bad = [k for k, v in patch.new.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FitError(f"{method}: produced non-finite weights in {bad[0]!r} ({len(bad)} tensor(s)); nothing was "
+                       "applied. Lower the learning rate / weights and retry")
+    erased = model.clone(only=patch.names)
+    patch.apply(erased)
+    return patch, erased, fit_s
+
+
 def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encoder=None, seed: int = 0,
           progress: bool = True, *, preserve="auto", salt: str | None = None, report: bool = True,
           verify_n: int = 4, anchor_tau: float = 0.2, **options) -> ErasureResult:
@@ -95,7 +111,6 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
     real faces instead. `anchor="auto"` picks, per target, an identity of `retain` (when it has >= 4) or
     of the preservation set at cosine `anchor_tau` (PIU: 0.2; 0.0 maps a target to someone unrelated), or,
     given a gallery file's path (`ff.gallery.save(..., dtype=...)`, any size), from that file's rows."""
-    from fastforget.errors import FitError
     from fastforget.identity.anchors import check_request, select_anchors
     from fastforget.identity.encoder import resolve_encoder
     from fastforget.methods import ErasureRequest
@@ -167,15 +182,7 @@ def erase(model, targets, method: str = "piu", retain=None, anchor="auto", encod
         extra["target_images"] = as_image_batch(targets, "targets")
     request = ErasureRequest(tgt, anchors, ret, pres.embeddings if pres is not None else None, salt=salt,
                              extra=extra, encoder=encoder)
-    t0 = time.perf_counter()
-    patch = fit(model, request, seed=seed, progress=progress, **options)
-    fit_s = time.perf_counter() - t0
-    bad = [k for k, v in patch.new.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise FitError(f"{method}: produced non-finite weights in {bad[0]!r} ({len(bad)} tensor(s)); nothing was "
-                       "applied. Lower the learning rate / weights and retry")
-    erased = model.clone(only=patch.names)
-    patch.apply(erased)
+    patch, erased, fit_s = _fit_checked(method, fit, model, request, seed, progress, options)
     rep = None
     if report:
         rep = verify(erased, tgt, retain=ret, encoder=need_encoder(), n=verify_n, seed=seed, baseline=model,
@@ -193,7 +200,6 @@ def _erase_latent_generator(model, targets, method, fit, retain, encoder, seed, 
                             options) -> ErasureResult:
     """erase() on a StyleGAN2: targets are photos (each inverted into W+ by the method) or W+ latents
     (N, n_latent, style_dim); the encoder scores identity (inversion, the ID loss, the report)."""
-    from fastforget.errors import FitError
     from fastforget.identity.encoder import as_image_batch, resolve_encoder
     from fastforget.methods import ErasureRequest
 
@@ -215,15 +221,7 @@ def _erase_latent_generator(model, targets, method, fit, retain, encoder, seed, 
         extra["retain_images"] = ret  # methods that can hold people fixed (guide) invert and keep them
     emb = F.normalize(emb, dim=1)
     request = ErasureRequest(emb, emb, None, None, salt=salt, extra=extra, encoder=encoder)
-    t0 = time.perf_counter()
-    patch = fit(model, request, seed=seed, progress=progress, **options)
-    fit_s = time.perf_counter() - t0
-    bad = [k for k, v in patch.new.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise FitError(f"{method}: produced non-finite weights in {bad[0]!r} ({len(bad)} tensor(s)); nothing was "
-                       "applied. Lower the learning rate and retry")
-    erased = model.clone(only=patch.names)
-    patch.apply(erased)
+    patch, erased, fit_s = _fit_checked(method, fit, model, request, seed, progress, options)
     rep = None
     if report:
         from fastforget.verify_gan import verify_gan
