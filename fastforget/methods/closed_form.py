@@ -16,14 +16,16 @@ neighbours, only the named retained identities preserved) — the baseline PIU c
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from fastforget import __version__
 from fastforget.errors import InputError
 from fastforget.identity.embeddings import unit_vectors_at_cosine as neighbours_of
-from fastforget.methods.base import (ErasureRequest, attn2_kv_names, check_cos_pair, check_int, check_number,
-                                     merge_options, register_method)
+from fastforget.methods.base import (ErasureRequest, MethodConfig, Option, attn2_kv_names, check_cos_pair,
+                                     register_method)
 from fastforget.patch import Patch, fingerprint_embeddings, get_parameter
 
 
@@ -130,25 +132,20 @@ def solve_kv_map(model, request: ErasureRequest, *, erase_weight: float, preserv
                "rows_per_target": n_per, "adversarial_rows": n_adv}
 
 
+def _config(name: str, defaults: dict) -> MethodConfig:
+    """The closed-form options (one definition each, `_OPTIONS`) with this method's / family's defaults."""
+    return MethodConfig(name, {k: replace(_OPTIONS[k], default=v) for k, v in defaults.items()})
+
+
 def _resolve(name: str, defaults: dict, options: dict) -> dict:
-    cfg = merge_options(name, defaults, options)
-    check_number(name, cfg, "erase_weight", 0.0, strict=True)
-    check_number(name, cfg, "preserve_weight", 0.0)
-    if cfg["retain_weight"] is not None:  # None: as preserve_weight (every held row alike)
-        check_number(name, cfg, "retain_weight", 0.0)
-    check_number(name, cfg, "lam", 0.0, strict=True)  # λI keeps A positive definite
-    check_int(name, cfg, "neighbours", 0, MAX_NEIGHBOURS)
+    opts = dict(options)
+    as_preserve = "retain_weight" in opts and opts["retain_weight"] is None  # None: as preserve_weight
+    if as_preserve:
+        del opts["retain_weight"]
+    cfg = _config(name, defaults).resolve(opts)
+    if as_preserve:
+        cfg["retain_weight"] = None
     check_cos_pair(name, cfg, "neighbour_cos")
-    if cfg["neighbour_map"] not in ("anchor", "transport"):
-        raise InputError(f"{name}: option 'neighbour_map' must be 'anchor' or 'transport', got {cfg['neighbour_map']!r}")
-    if not isinstance(cfg["use_preserve"], bool):
-        raise InputError(f"{name}: option 'use_preserve' must be True or False, got {cfg['use_preserve']!r}")
-    check_int(name, cfg, "adversarial_rounds", 0, MAX_ROUNDS)
-    check_int(name, cfg, "adversarial_steps", 1, 10_000)
-    check_int(name, cfg, "adversarial_starts", 1, 256)
-    check_int(name, cfg, "adversarial_sweep", 0, 4096)
-    if cfg.get("adversarial_threshold") is not None:
-        check_number(name, cfg, "adversarial_threshold", -1.0, hi=1.0)
     return cfg
 
 
@@ -246,16 +243,39 @@ def _fit(name, model, request, *, seed, progress, defaults, options):
 # direction of the D x D map, and identities nobody named overlap every direction it spends (16 -> 4 with
 # transport: unnamed movement 0.30 -> 0.11). The named (retain) rows are held 50x harder than anonymous rows.
 # adversarial_rounds > 0 hardens the erase (RECE): see _adversarial_rounds; its found inputs are never stored
-ADVERSARIAL_DEFAULTS = {"adversarial_rounds": 0, "adversarial_steps": 10, "adversarial_starts": 4,
-                        "adversarial_sweep": 16, "adversarial_threshold": None}
-CLOSED_FORM_DEFAULTS = {"erase_weight": 10.0, "preserve_weight": 0.2, "retain_weight": 10.0, "lam": 0.1, "neighbours": 4,
-                        "neighbour_cos": [0.75, 0.95], "use_preserve": True, "neighbour_map": "transport",
-                        **ADVERSARIAL_DEFAULTS}
-UCE_DEFAULTS = {"erase_weight": 20.0, "preserve_weight": 1.0, "retain_weight": None, "lam": 0.7, "neighbours": 0,
-                "neighbour_cos": [0.75, 0.95], "use_preserve": False, "neighbour_map": "anchor", **ADVERSARIAL_DEFAULTS}
 MAX_ROUNDS = 100
 # neighbours per target: each is one more text-encoder pass (and a float64 512-d row); 10**9 would never finish
 MAX_NEIGHBOURS = 1000
+_OPTIONS = {
+    "erase_weight": Option(10.0, "float", "how hard targets (and neighbours) go to their anchors; with the default "
+                           "preservation set the only setting swept that met both README scenarios", lo=0.0,
+                           strict=True),
+    "preserve_weight": Option(0.2, "float", "weight of rows nobody named; 0.1 (or erase_weight 20) moved unnamed "
+                              "people less on a random-weight Arc2Face but cost the testbed copy ISM_r", lo=0.0),
+    "retain_weight": Option(10.0, "float", "named (retain) rows are held 50x harder than anonymous ones; None: as "
+                            "preserve_weight", lo=0.0),
+    "lam": Option(0.1, "float", "λI keeps the system positive definite", lo=0.0, strict=True),
+    "neighbours": Option(4, "int", "inputs near each target also erased; each spends one direction of the DxD map "
+                         "(16 -> 4 with transport: unnamed movement 0.30 -> 0.11)", lo=0, hi=MAX_NEIGHBOURS),
+    "neighbour_cos": Option([0.75, 0.95], "any", "cosine band of the neighbours (another photo of the person): "
+                            "a (low, high) pair, -1 <= low <= high < 1"),
+    "use_preserve": Option(True, "bool", "hold the preservation set (people nobody named stay put)"),
+    "neighbour_map": Option("transport", "choice", "'transport' maps t + δ -> a + δ (keeps the neighbour's offset); "
+                            "'anchor' maps every neighbour onto the anchor", choices=("anchor", "transport")),
+    "adversarial_rounds": Option(0, "int", "RECE-style hardening rounds (README 'Does the person come back?'); "
+                                 "0: off", lo=0, hi=MAX_ROUNDS),
+    "adversarial_steps": Option(10, "int", "white-box search steps per round", lo=1, hi=10_000),
+    "adversarial_starts": Option(4, "int", "search starts per target: its own embedding + random", lo=1, hi=256),
+    "adversarial_sweep": Option(16, "int", "neighbour-sweep inputs per round (cos 0.5-0.99)", lo=0, hi=4096),
+    "adversarial_threshold": Option(None, "float", "verified-as-target cosine (None: the encoder's FAR 1e-3 "
+                                    "threshold)", lo=-1.0, hi=1.0),
+}
+CLOSED_FORM_CONFIG = MethodConfig("closed_form", _OPTIONS)
+CLOSED_FORM_DEFAULTS = CLOSED_FORM_CONFIG.defaults
+# uce: the published closed form (targets -> anchors, retained rows held alike), no neighbours, no preservation set
+UCE_DEFAULTS = {**CLOSED_FORM_DEFAULTS, "erase_weight": 20.0, "preserve_weight": 1.0, "retain_weight": None,
+                "lam": 0.7, "neighbours": 0, "use_preserve": False, "neighbour_map": "anchor"}
+UCE_CONFIG = _config("uce", UCE_DEFAULTS)
 
 
 @register_method("closed_form", validate=lambda o: _resolve("closed_form", CLOSED_FORM_DEFAULTS, o),
