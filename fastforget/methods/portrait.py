@@ -70,13 +70,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastforget import __version__
 from fastforget.errors import InputError
 from fastforget.identity.embeddings import EMBED_DIM, random_unit_vectors
 from fastforget.identity.embeddings import unit_vectors_at_cosine as neighbours_of
-from fastforget.methods.base import (MAX_BATCH, MAX_LR, MAX_SAMPLES, ErasureRequest, check_cos_pair, check_int,
-                                     check_number, merge_options, register_method)
-from fastforget.patch import Patch, fingerprint_embeddings
+from fastforget.methods.base import (MAX_BATCH, MAX_LR, MAX_SAMPLES, ErasureRequest, MethodConfig, Option,
+                                     check_cos_pair, check_request, patch_metadata, register_method)
+from fastforget.patch import Patch
 
 PORTRAIT_FAMILIES = ("ip_adapter_faceid", "instantid")
 REQUIRES = ("id_tokens", "image_proj", "identity_parameter_names")
@@ -87,9 +86,31 @@ ROW_BATCH = 256  # embeddings per projection pass (a Resampler holds 16 latents 
 CLOSED_FORM_PORTRAIT_DEFAULTS = {"erase_weight": 300.0, "preserve_weight": 1.0, "retain_weight": 100.0, "lam": 1e-3,
                                  "neighbours": 0, "neighbour_cos": [0.75, 0.95], "use_preserve": True,
                                  "neighbour_map": "anchor"}
-FINETUNE_DEFAULTS = {"steps": 200, "lr": 1e-3, "micro_batch": 8, "retain_weight": 1.0, "objective": "auto"}
-IREU_DEFAULTS = {"gate_cos": [0.6, 0.8], "identity_share": 0.95, "coverage": 0.9, "preserve_weight": 0.003,
-                 "retain_weight": 100.0, "lam": 0.01, "population": 4096}
+FINETUNE_CONFIG = MethodConfig("encoder_finetune", {
+    "steps": Option(200, "int", "IREU's encoder fine-tuning baseline, at the testbed's scale", lo=1),
+    "lr": Option(1e-3, "float", "Adam on the image projection only", lo=0.0, strict=True, hi=MAX_LR),
+    "micro_batch": Option(8, "int", "rows per step", lo=1, hi=MAX_BATCH),
+    "retain_weight": Option(1.0, "float", "weight of held people (retain, preservation)", lo=0.0),
+    "objective": Option("auto", "choice", "'generation': identity similarity of the frozen UNet's one-step "
+                        "denoised estimate (needs a differentiable encoder); 'tokens': the same on the ID tokens; "
+                        "'auto': generation when the encoder is differentiable", choices=("auto", "generation",
+                        "tokens")),
+})
+IREU_CONFIG = MethodConfig("ireu", {
+    "gate_cos": Option([0.6, 0.8], "any", "gate opens between these cosines to a target (0 < low < high < 1): a "
+                       "photo of the person (>= 0.8) is redirected, others (< 0.6) untouched"),
+    "identity_share": Option(0.95, "float", "share of identity sensitivity the located units carry", lo=0.0,
+                             strict=True, hi=1.0),
+    "coverage": Option(0.9, "float", "share of a target's first-layer response the gates cover", lo=0.0,
+                       strict=True, hi=1.0),
+    "preserve_weight": Option(0.003, "float", "weight of the preservation rows in the least squares", lo=0.0),
+    "retain_weight": Option(100.0, "float", "named (retain) rows held hard", lo=0.0),
+    "lam": Option(0.01, "float", "λI keeps the system positive definite", lo=0.0, strict=True),
+    "population": Option(4096, "int", "random identities used to locate identity-related units", lo=16,
+                         hi=MAX_SAMPLES),
+})
+FINETUNE_DEFAULTS = FINETUNE_CONFIG.defaults
+IREU_DEFAULTS = IREU_CONFIG.defaults
 GATE_SHARPNESS = 3.0 / 0.05  # a gate unit's pre-activation is -3 (GELU ~ -0.004) 0.05 below its threshold
 
 
@@ -104,11 +125,7 @@ def _check_portrait(name: str, model) -> None:
 
 
 def _check_request(name: str, request: ErasureRequest) -> None:
-    t, a = request.targets, request.anchors
-    if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[1] != EMBED_DIM or len(t) == 0:
-        raise InputError(f"{name}: request.targets must be a non-empty (N, {EMBED_DIM}) tensor")
-    if not isinstance(a, torch.Tensor) or tuple(a.shape) != tuple(t.shape):
-        raise InputError(f"{name}: request.anchors must have the shape of request.targets {tuple(t.shape)}")
+    check_request(name, request, anchors=True, dim=EMBED_DIM)
 
 
 # ---------------------------------------------------------------- the projection's layers
@@ -255,11 +272,8 @@ def fit_portrait_closed_form(model, request: ErasureRequest, *, seed: int = 0, p
     w_name, b_name = _qualified(model, layer_name)
     w0 = torch.cat([layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu()[:, None]], dim=1)
     w_new = w0 @ tmap
-    meta = {"method": "closed_form", "family": model.family, "layer": layer_name, "config": cfg, "seed": seed,
-            "target_rows": int(xs.shape[0]), "preserved_rows": int(held_rows),
-            "rows_per_target": 1 + cfg["neighbours"],
-            "targets": fingerprint_embeddings(request.targets, request.salt),
-            "anchors": fingerprint_embeddings(request.anchors, request.salt), "version": __version__}
+    meta = _meta("closed_form", model, request, cfg, seed, layer=layer_name, target_rows=int(xs.shape[0]),
+                 preserved_rows=int(held_rows), rows_per_target=1 + cfg["neighbours"])
     return Patch.from_edit(model, {w_name: w_new[:, :-1].float(), b_name: w_new[:, -1].float()}, meta)
 
 
@@ -297,22 +311,12 @@ def _new_values(model, proj, names: list[str]) -> dict:
 
 
 def _meta(name: str, model, request, cfg: dict, seed: int, **extra) -> dict:
-    return {"method": name, "family": model.family, "config": cfg, "seed": seed,
-            "targets": fingerprint_embeddings(request.targets, request.salt),
-            "anchors": fingerprint_embeddings(request.anchors, request.salt), "version": __version__, **extra}
+    return patch_metadata(name, cfg, request, seed, family=model.family, **extra)
 
 
 # ---------------------------------------------------------------- encoder_finetune (IREU's baseline)
 def _resolve_finetune(options: dict) -> dict:
-    cfg = merge_options("encoder_finetune", FINETUNE_DEFAULTS, options)
-    check_int("encoder_finetune", cfg, "steps")
-    check_int("encoder_finetune", cfg, "micro_batch", maximum=MAX_BATCH)
-    check_number("encoder_finetune", cfg, "lr", 0.0, strict=True, hi=MAX_LR)
-    check_number("encoder_finetune", cfg, "retain_weight", 0.0)
-    if cfg["objective"] not in ("auto", "generation", "tokens"):
-        raise InputError(f"encoder_finetune: option 'objective' must be 'auto', 'generation' or 'tokens', got "
-                         f"{cfg['objective']!r}")
-    return cfg
+    return FINETUNE_CONFIG.resolve(options)
 
 
 def _to_sample_space(model, images: torch.Tensor) -> torch.Tensor:
@@ -422,13 +426,7 @@ def fit_encoder_finetune(model, request: ErasureRequest, *, seed: int = 0, progr
 
 # ---------------------------------------------------------------- ireu (ours)
 def _resolve_ireu(options: dict) -> dict:
-    cfg = merge_options("ireu", IREU_DEFAULTS, options)
-    check_int("ireu", cfg, "population", 16, MAX_SAMPLES)
-    check_number("ireu", cfg, "preserve_weight", 0.0)
-    check_number("ireu", cfg, "retain_weight", 0.0)
-    check_number("ireu", cfg, "lam", 0.0, strict=True)  # λI keeps the system positive definite
-    for key in ("identity_share", "coverage"):
-        check_number("ireu", cfg, key, 0.0, strict=True, hi=1.0)
+    cfg = IREU_CONFIG.resolve(options)
     check_cos_pair("ireu", cfg, "gate_cos", strict=True)
     return cfg
 
