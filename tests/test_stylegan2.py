@@ -362,19 +362,6 @@ def _shipped():
     return weights_dir() / "gan"
 
 
-# measured on the shipped demo-gan and not met (issue 12 note): random samples are too alike
-KNOWN_MISSES = {"random_pairwise_cos": 0.338}
-
-
-@pytest.mark.xfail(strict=True, reason="shipped demo-gan: random-sample pairwise identity cosine 0.338 > 0.25")
-def test_demo_gan_random_samples_are_distinct_people():
-    from fastforget.testbed.train_gan import TARGETS
-
-    q = json.loads((_shipped() / "quality.json").read_text())
-    op, target = TARGETS["random_pairwise_cos"]
-    assert q["random_pairwise_cos"] <= target
-
-
 @pytest.mark.skipif(not (_shipped() / "quality.json").is_file(), reason="demo-gan weights not trained yet")
 def test_demo_gan_meets_its_targets(tmp_path):
     from fastforget.testbed.train_gan import CHANNELS, TARGETS
@@ -383,9 +370,7 @@ def test_demo_gan_meets_its_targets(tmp_path):
     assert gan.is_testbed and gan.size == 32 and gan.generator.channels == CHANNELS
     assert sum(f.stat().st_size for f in _shipped().glob("*.safetensors")) <= 10 * 2 ** 20
     q = json.loads((_shipped() / "quality.json").read_text())
-    for k, (op, target) in TARGETS.items():
-        if k in KNOWN_MISSES:
-            continue
+    for k, (op, target) in TARGETS.items():  # random samples are distinct people, inversion, smoothness
         assert (q[k] <= target) if op == "<=" else (q[k] >= target), (k, q[k])
     assert gan.w_scale == pytest.approx(q["w_scale"], rel=1e-6)
     imgs = gan.generate(n=2, seed=0, output_type="np")
@@ -393,3 +378,15 @@ def test_demo_gan_meets_its_targets(tmp_path):
     copy = ff.load(gan.save_pretrained(tmp_path / "copy"))
     assert not copy.is_testbed  # a copy of the testbed's folder is a user's model
 
+
+
+def test_demo_gan_random_samples_are_distinct_people():
+    """Measured here, not read from quality.json: 48 random samples of the shipped GAN are different people
+    to the testbed encoder (mean pairwise identity cosine <= 0.25; renders of random identities: ~0.01)."""
+    from fastforget.testbed.train_gan import TARGETS
+
+    gan, enc = ff.load("demo-gan"), ff.load_encoder("demo")
+    with torch.no_grad():
+        e = enc.encode_tensor(gan.generate_tensor(gan.latents(n=48, seed=1)))
+    off = ~torch.eye(48, dtype=torch.bool)
+    assert (e @ e.T)[off].mean().item() <= TARGETS["random_pairwise_cos"][1]

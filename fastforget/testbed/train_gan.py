@@ -275,9 +275,9 @@ def train(*, glo_steps: int, map_steps: int, tune_steps: int, n_glo: int, batch:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(default_out()))
-    ap.add_argument("--glo-steps", type=int, default=6000, help="stage 1 steps (fixed renders + W residuals)")
-    ap.add_argument("--map-steps", type=int, default=3000, help="stage 2 steps (mapping regression)")
-    ap.add_argument("--tune-steps", type=int, default=3000, help="stage 3 steps (fresh renders, end to end)")
+    ap.add_argument("--glo-steps", type=int, default=1500, help="stage 1 steps (fixed renders + W residuals)")
+    ap.add_argument("--map-steps", type=int, default=800, help="stage 2 steps (mapping regression)")
+    ap.add_argument("--tune-steps", type=int, default=600, help="stage 3 steps (fresh renders, end to end)")
     ap.add_argument("--n-glo", type=int, default=4096, help="renders in stage 1")
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=3e-3)
