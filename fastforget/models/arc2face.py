@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from fastforget.errors import InputError, ModelLoadError
 from fastforget.identity.embeddings import check_embeddings, to_uint8  # noqa: F401  (re-exported)
+from fastforget.models.common import UNetPlacement
 from fastforget.models.registry import MANIFEST, read_json_config, read_manifest, register_adapter, register_builtin
 
 PROMPT = "photo of a id person"
@@ -57,7 +58,7 @@ def share_copy(module, prefix: str, only=None):
     return copy.deepcopy(module, memo)
 
 
-class Arc2FaceModel:
+class Arc2FaceModel(UNetPlacement):
     """UNet2DConditionModel + CLIPTextModel conditioned on ArcFace embeddings."""
 
     family = "arc2face"
@@ -92,14 +93,6 @@ class Arc2FaceModel:
                 m.eval().requires_grad_(False)
 
     # ------------------------------------------------------------ conditioning
-    @property
-    def device(self):
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self):
-        return next(self.unet.parameters()).dtype
-
     def _encode_token_embeddings(self, token_embeds: torch.Tensor) -> torch.Tensor:
         """CLIP text transformer on given input token embeddings (causal mask, final layer norm)."""
         tm = self.text_encoder.text_model

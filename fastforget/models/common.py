@@ -78,3 +78,15 @@ def format_images(x: torch.Tensor, output_type: str = "pil"):
 
         return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
     raise InputError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+class UNetPlacement:
+    """`device` / `dtype` of a diffusion adapter: where its UNet's weights live (every diffusion family)."""
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.unet.parameters()).dtype

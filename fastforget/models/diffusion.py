@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from fastforget.errors import InputError
+from fastforget.models.common import UNetPlacement
 
 
 class MidBlockHook:
@@ -53,7 +54,7 @@ def ddim_step(x: torch.Tensor, eps_x0: torch.Tensor, eps_dir: torch.Tensor, a: t
     return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps_dir
 
 
-class HSpace:
+class HSpace(UNetPlacement):
     """A UNet called through its unconditional branch, with DDIM (η = 0) inversion and Asyrp decoding.
 
     `null_states` is the null condition (1, L, D) of an ID-conditioned model, or None."""
@@ -86,14 +87,6 @@ class HSpace:
         self.prediction_type = sched.config.prediction_type
 
     # -------------------------------------------------------- basics
-    @property
-    def device(self):
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self):
-        return next(self.unet.parameters()).dtype
-
     @property
     def conditional(self) -> bool:
         return self.null_states is not None

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from fastforget.errors import InputError, ModelLoadError, UnsafeCheckpointError
 from fastforget.identity.embeddings import EMBED_DIM, check_embeddings
 from fastforget.models.arc2face import Arc2FaceModel
+from fastforget.models.common import UNetPlacement
 from fastforget.models.registry import (MANIFEST, class_name_of, read_json_config, read_manifest, register_adapter,
                                         register_builtin)
 
@@ -68,7 +69,7 @@ _IP_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
 _FACEID_KEYS = {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.weight", "norm.bias"}
 
 
-class PortraitModel:
+class PortraitModel(UNetPlacement):
     """A diffusers SD / SDXL pipeline with an IP-Adapter FaceID adapter (`family = "ip_adapter_faceid"`)."""
 
     family = FACEID
@@ -103,14 +104,6 @@ class PortraitModel:
                 m.eval().requires_grad_(False)
 
     # ------------------------------------------------------------ the identity path
-    @property
-    def device(self):
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self):
-        return next(self.unet.parameters()).dtype
-
     def components(self) -> dict:
         """Top-level modules that patch names start with (`unet.encoder_hid_proj...` for the image projection)."""
         comps = {"unet": self.unet, "text_encoder": self.text_encoder}

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 
 from fastforget.errors import ModelLoadError
+from fastforget.models.common import UNetPlacement
 from fastforget.models.registry import class_name_of, read_json_config, read_manifest, register_adapter
 
 
-class UnconditionalDiffusion:
+class UnconditionalDiffusion(UNetPlacement):
     """`.unet` (UNet2DModel), `.scheduler`, no text encoder, pixel-space codec."""
 
     family = "unconditional"
@@ -30,10 +31,6 @@ class UnconditionalDiffusion:
         ss = unet.config.sample_size
         self.resolution = ss if isinstance(ss, int) else ss[0]
         unet.eval().requires_grad_(False)
-
-    @property
-    def device(self):
-        return next(self.unet.parameters()).device
 
     def clone(self, only=None) -> "UnconditionalDiffusion":
         from fastforget.models.arc2face import share_copy
