@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastforget.errors import ConflictError, InputError, ModelLoadError
+from fastforget.errors import ConflictError, InputError
 
 log = logging.getLogger("fastforget")
 
@@ -331,20 +331,11 @@ class BatchStatistics:
 
     @classmethod
     def load(cls, path) -> "BatchStatistics":
-        from safetensors import safe_open
+        from fastforget.io import read_fastforget_safetensors
 
-        path = Path(path)
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: not found (a batch output folder holds statistics.safetensors; without "
-                                 "it requests can no longer be added or withdrawn)")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("fastforget", "{}"))
-                t = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: not a readable statistics file ({str(exc)[:200]})") from None
-        if meta.get("format") != STATS_FORMAT:
-            raise ModelLoadError(f"{path}: not fastforget batch statistics (format {meta.get('format')!r})")
+        meta, t = read_fastforget_safetensors(
+            path, STATS_FORMAT, "statistics", missing=f"{path}: not found (a batch output folder holds "
+            "statistics.safetensors; without it requests can no longer be added or withdrawn)")
         reqs = [RequestStatistics(r["id"], t[f"request/{i}/src"], t[f"request/{i}/dst"], t.get(f"request/{i}/retain"),
                                   list(r["dropped"]), list(r["fingerprints"]), r["n_targets"], r["time"], r["status"],
                                   r.get("withdrawn_time")) for i, r in enumerate(meta["requests"])]

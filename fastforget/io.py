@@ -323,3 +323,27 @@ def atomic_write_bytes(path, data: bytes, overwrite: bool = False, *, name: str 
     with atomic_file(path, overwrite, name=name) as f:
         f.write(data)
     return Path(path)
+
+
+def read_fastforget_safetensors(path, fmt: str, what: str, missing: str | None = None):
+    """(header, tensors) of a safetensors file fastforget wrote with a JSON header under metadata key
+    "fastforget" whose "format" is `fmt` (patches, batch statistics); ModelLoadError naming the file when it
+    is missing (`missing`: the message), unreadable or another format."""
+    import json
+
+    from safetensors import safe_open
+
+    from fastforget.errors import ModelLoadError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(missing or f"{what} file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("fastforget", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a readable {what} file ({str(exc)[:200]})") from None
+    if header.get("format") != fmt:
+        raise ModelLoadError(f"{path}: not a fastforget {what} (format {header.get('format')!r})")
+    return header, tensors

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastforget.errors import InputError, ModelLoadError, PatchMismatchError
+from fastforget.errors import InputError, PatchMismatchError
 
 FORMAT = "fastforget.patch/1"
 DEFAULT_SALT = "fastforget"
@@ -140,19 +140,9 @@ class Patch:
 
     @classmethod
     def load(cls, path) -> "Patch":
-        from safetensors import safe_open
+        from fastforget.io import read_fastforget_safetensors
 
-        path = Path(path)
-        if not path.is_file():
-            raise ModelLoadError(f"patch file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = json.loads((f.metadata() or {}).get("fastforget", "{}"))
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: not a readable patch file ({str(exc)[:200]})") from None
-        if header.get("format") != FORMAT:
-            raise ModelLoadError(f"{path}: not a fastforget patch (format {header.get('format')!r})")
+        header, tensors = read_fastforget_safetensors(path, FORMAT, "patch")
         new = {k[4:]: v for k, v in tensors.items() if k.startswith("new/")}
         old = {k[4:]: v for k, v in tensors.items() if k.startswith("old/")}
         return cls(new, old, header.get("metadata", {}))
