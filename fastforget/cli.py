@@ -307,8 +307,10 @@ def _inputs(args) -> list:
 
 
 def cmd_erase(args) -> int:
+    from fastforget import distributed
     from fastforget.io import check_output_path
 
+    distributed.init_from_env()  # under torchrun: fine-tuning runs data-parallel, rank 0 alone writes and prints
     check_output_path(args.out, args.overwrite, "--out", keep=_inputs(args))
     target = _identities(args.target, "--target")
     retain = _identities(args.retain, "--retain")
@@ -344,8 +346,13 @@ def cmd_erase(args) -> int:
 
         raise InputError(f"--preserve: expected auto, none, a .npy file of (N, 512) embeddings, a gallery file "
                          f"(ff.gallery.save(..., dtype=...)) or a folder of face photos; {preserve!r} is none of these")
-    res = ff.erase(model, target, method=args.method, retain=retain, encoder=enc, seed=args.seed, progress=True,
-                   verify_n=args.verify_n, anchor_tau=args.anchor_tau, preserve=preserve, **options)
+    res = ff.erase(model, target, method=args.method, retain=retain, encoder=enc, seed=args.seed,
+                   progress=distributed.is_main(), verify_n=args.verify_n, anchor_tau=args.anchor_tau,
+                   preserve=preserve, report=distributed.is_main(), **options)
+    if not distributed.is_main():  # the same patch as rank 0's; wait while rank 0 writes it
+        distributed.barrier()
+        distributed.shutdown()
+        return 0
     if hasattr(res.model, "save_ip_adapter"):  # a portrait generator: the erased adapter file, original layout
         out, what = _save_portrait(res, args), Path(res.model.ip_adapter).name
     else:
@@ -355,6 +362,8 @@ def cmd_erase(args) -> int:
         print(res.report.table())
     print(f"written: {out}/{what}, {out}/patch.safetensors" + (f", {out}/report.json, {out}/report.png"
                                                                  if res.report is not None else ""))
+    distributed.barrier()
+    distributed.shutdown()
     return 0
 
 

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from fastforget.errors import InputError
 from fastforget.methods.base import (MAX_BATCH, MAX_LR, ErasureRequest, MethodConfig, Option, check_request,
                                      patch_metadata, register_method)
-from fastforget.methods.student import train_student
+from fastforget.methods.student import check_shardable, shard_mse_loss, student_shard, train_student
 from fastforget.patch import Patch
 
 EMBED_DIM = 512
@@ -96,6 +96,7 @@ ESD_X_DEFAULTS = ESD_X_CONFIG.defaults
 # ---------------------------------------------------------------- options
 def _resolve_options(name: str, config: MethodConfig, options: dict) -> dict:
     cfg = config.resolve(options)
+    check_shardable(f"{name}: option 'micro_batch'", cfg["micro_batch"])  # data-parallel: a row per rank
     if "layers" in cfg:
         v = cfg["layers"]
         if isinstance(v, (list, tuple)):
@@ -309,7 +310,7 @@ def _train(name: str, model, request: ErasureRequest, *, cfg: dict, seed: int, p
 
     res = train_student(model.unet, modules, loss_fn, steps=cfg["steps"], lr=cfg["lr"],
                         weight_decay=cfg.get("weight_decay", 0.0), accumulation=cfg.get("accumulation", 1),
-                        progress=progress, desc=name, prepare=prepare)
+                        progress=progress, desc=name, prepare=prepare, sharded=True)
     meta = patch_metadata(name, cfg, request, seed, trainable_modules=modules if modules is not None else "full",
                           trainable_parameters=res.trainable_parameters, fused_attention=fused.get("backend"),
                           loss=res.history, **extra_meta)
@@ -339,25 +340,30 @@ def fit_piu(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
     b, eta, lam = cfg["micro_batch"], cfg["eta"], cfg["lambda_p"]
 
     def loss_fn(student, teacher):
+        # every rank draws the whole micro-batch (the generator stays in step), then works on its rows only
+        s = student_shard(b)
+        n = s.stop - s.start
         which = torch.randint(0, len(sets), (b,), generator=gen)
+        mix = _dirichlet_mix(sets, which, gen)
         with torch.no_grad():
-            cf = model.condition(_dirichlet_mix(sets, which, gen)).float()
-        ca = anchor_states[which.to(anchor_states.device)]
+            cf = model.condition(mix[s]).float()
+        ca = anchor_states[which[s].to(anchor_states.device)]
         xf, tf = _sample_xt(sched, model.sample_shape(b), gen)
+        xf, tf = xf[s], tf[s]
         xs, ts, cs = [xf, xf], [tf, tf], [ca, cf]
         if retain is not None:
-            cr = retain(b, gen)
+            cr = retain(b, gen)[s]
             xr, tr = _sample_xt(sched, model.sample_shape(b), gen)
-            xs, ts, cs = xs + [xr], ts + [tr], cs + [cr]
+            xs, ts, cs = xs + [xr[s]], ts + [tr[s]], cs + [cr]
         x, t, c = torch.cat(xs).to(device), torch.cat(ts).to(device), torch.cat(cs).to(device)
         eps = _teacher_eps(teacher, x, t, c)
-        e_anchor, e_forget = eps[:b], eps[b:2 * b]
+        e_anchor, e_forget = eps[:n], eps[n:2 * n]
         target = e_anchor - eta * (e_forget - e_anchor)
-        pred = student(x[b:], t[b:], encoder_hidden_states=c[b:]).sample.float()
-        forget = F.mse_loss(pred[:b], target)
+        pred = student(x[n:], t[n:], encoder_hidden_states=c[n:]).sample.float()
+        forget = shard_mse_loss(pred[:n], target, b)
         if retain is None:
             return forget, {"total": forget.item(), "forget": forget.item()}
-        preserve = F.mse_loss(pred[b:], eps[2 * b:])
+        preserve = shard_mse_loss(pred[n:], eps[2 * n:], b)
         loss = forget + lam * preserve
         return loss, {"total": loss.item(), "forget": forget.item(), "preserve": preserve.item()}
 
@@ -385,16 +391,18 @@ def fit_esd_x(model, request: ErasureRequest, *, seed: int = 0, progress: bool =
     b, eta = cfg["micro_batch"], cfg["eta"]
 
     def loss_fn(student, teacher):
+        s = student_shard(b)  # the whole micro-batch is drawn on every rank; this rank's rows are trained
+        n = s.stop - s.start
         which = torch.randint(0, len(target_states), (b,), generator=gen)
-        ct = target_states[which.to(target_states.device)]
-        cn = null_state.expand(b, -1, -1)
+        ct = target_states[which[s].to(target_states.device)]
+        cn = null_state.expand(n, -1, -1)
         x, t = _sample_xt(sched, model.sample_shape(b), gen)
-        x, t = x.to(device), t.to(device)
+        x, t = x[s].to(device), t[s].to(device)
         eps = _teacher_eps(teacher, torch.cat([x, x]), torch.cat([t, t]), torch.cat([cn, ct]).to(device))
-        e_null, e_target = eps[:b], eps[b:]
+        e_null, e_target = eps[:n], eps[n:]
         target = e_null - eta * (e_target - e_null)
         pred = student(x, t, encoder_hidden_states=ct.to(device)).sample.float()
-        loss = F.mse_loss(pred, target)
+        loss = shard_mse_loss(pred, target, b)
         return loss, {"total": loss.item()}
 
     return _train("esd_x", model, request, cfg=cfg, seed=seed, progress=progress, modules=modules,

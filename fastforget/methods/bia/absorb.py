@@ -22,7 +22,7 @@ from fastforget.errors import InputError
 from fastforget.methods.base import ErasureRequest, check_request, patch_metadata, register_method
 from fastforget.methods.bia.config import public_config, resolve_options
 from fastforget.methods.bia.region import as_sources, build_region, encode_images, load_encoder, push_codes
-from fastforget.methods.student import train_student, trainable_parameters
+from fastforget.methods.student import refuse_distributed, train_student, trainable_parameters
 from fastforget.models.diffusion import HSpace, ddim_step
 from fastforget.patch import Patch
 
@@ -120,6 +120,7 @@ def fit_bia(model, request: ErasureRequest, *, seed: int = 0, progress: bool = T
     samples decode as before. Returns a Patch of the changed decoder tensors. Options: see BIA_CONFIG
     (`fastforget.methods.bia.BIA_CONFIG.table()`)."""
     cfg = resolve_options(options)
+    refuse_distributed("bia")  # its loss does not shard: one process (before any inversion work)
     if cfg["mode"] == "edit":
         raise InputError("bia: mode='edit' edits images and returns no Patch; call "
                          "fastforget.methods.bia.bia_edit(model, images_or_embeddings, encoder)")
