@@ -3,14 +3,15 @@
     torchrun --standalone --nproc_per_node 2 -m fastforget.cli erase --model M --target 3 --method piu --out DIR
 
 torchrun starts one process per rank with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the
-environment; `init_from_env()` joins them (gloo on CPU, nccl on CUDA). From Python:
+environment; `init_from_env()` joins them (gloo for CPU tensors, nccl for CUDA tensors). From Python:
 
     import fastforget as ff
-    ff.distributed.init_from_env()          # or torch.distributed.init_process_group(...) yourself
+    from fastforget import distributed
+    distributed.init_from_env()             # or torch.distributed.init_process_group(...) yourself
     res = ff.erase(model, targets, method="piu")
-    if ff.distributed.is_main():
+    if distributed.is_main():
         res.save("out")                     # one writer: rank 0
-    ff.distributed.barrier()
+    distributed.barrier()
 
 Every rank runs the same code with the same seed; fastforget.methods.student.train_student then splits each
 micro-batch's rows over the ranks (see `student_shard` there). torch.distributed ships with torch: no extra.
@@ -29,8 +30,8 @@ def _group_ready() -> bool:
 
 
 def init_from_env() -> bool:
-    """Join the process group torchrun describes when WORLD_SIZE > 1 and none is initialised yet: nccl when CUDA
-    is there (each process on the GPU LOCAL_RANK names), gloo otherwise. Returns True when it initialised one;
+    """Join the process group torchrun describes when WORLD_SIZE > 1 and none is initialised yet: gloo, and nccl
+    for CUDA tensors when CUDA is there (each process's current GPU is the one LOCAL_RANK names). Returns True when it initialised one;
     False for a single process or a group that already exists (the caller's)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1 or _group_ready():
@@ -41,7 +42,8 @@ def init_from_env() -> bool:
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
+        # CUDA tensors over nccl; a model left on the CPU (the CLI loads there) still trains, over gloo
+        dist.init_process_group("cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group("gloo")
     return True
