@@ -11,6 +11,7 @@ import torch
 
 import fastforget as ff
 from fastforget import distributed
+from fastforget.methods import ErasureRequest, get_method
 from fastforget.methods.student import check_shardable, student_shard
 from fastforget.patch import Patch
 
@@ -23,10 +24,20 @@ TENSOR_RTOL = 2e-5
 UPDATE_RTOL = 1e-3
 
 
-def _launch(args: list[str], cwd, timeout: int = 240) -> subprocess.CompletedProcess:
+def _launch(args: list[str], cwd) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FASTFORGET_DEBUG="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(proc: subprocess.Popen, timeout: int = 240) -> tuple[str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    return out, err
 
 
 def _assert_same_patch(dist: Patch, single: Patch) -> None:
@@ -57,17 +68,18 @@ def test_torchrun_erase_piu_equals_one_process_and_only_rank0_writes(tmp_path, d
     out = tmp_path / "erased"
     proc = _launch(["-m", "fastforget.cli", "erase", "demo", "--target", "3", "--method", "piu", "--steps", "2",
                     "--verify-n", "1", "--out", str(out)], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("written:") == 1 and proc.stdout.count("erased with piu") == 1
+    # the reference runs meanwhile (rank 1 idles while rank 0 writes the report)
+    single = ff.erase(demo_model, [3], method="piu", seed=0, steps=2, report=False, progress=False).patch
+    stdout, _ = _wait(proc)
+    assert stdout.count("written:") == 1 and stdout.count("erased with piu") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["erased"]  # no second copy, no leftover temporary
     assert {"model", "patch.safetensors", "report.json"} <= {p.name for p in out.iterdir()}
     dist = Patch.load(out / "patch.safetensors")
-
-    single = ff.erase(demo_model, [3], method="piu", seed=0, steps=2, report=False, progress=False).patch
     assert single.metadata["config"] == dist.metadata["config"]  # the same global batch: micro 16 x 2
     _assert_same_patch(dist, single)
 
 
+ESD_X = {"steps": 3, "micro_batch": 3, "lr": 1e-4}
 SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
@@ -89,9 +101,9 @@ try:
 except InputError as exc:
     seen["bia"] = str(exc)
 # uneven shards: 3 rows over 2 ranks
-res = ff.erase(model, [3], method="esd_x", seed=0, steps=3, micro_batch=3, lr=1e-4, report=False, progress=False)
+patch = get_method("esd_x")(model, ErasureRequest(t[:1], t[1:]), seed=0, progress=False, **ESD_X)
 if distributed.is_main():
-    res.patch.save(sys.argv[1])
+    patch.save(sys.argv[1])
     print("SEEN " + json.dumps(seen))
 distributed.barrier()
 distributed.shutdown()
@@ -100,13 +112,13 @@ distributed.shutdown()
 
 def test_torchrun_uneven_shards_and_typed_refusals(tmp_path, demo_model):
     script = tmp_path / "ddp_esd_x.py"
-    script.write_text(textwrap.dedent(SCRIPT))
+    script.write_text(textwrap.dedent(SCRIPT).replace("**ESD_X", "**" + repr(ESD_X)))
     proc = _launch([str(script), str(tmp_path / "esd_x.safetensors")], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    seen = json.loads(proc.stdout.split("SEEN ", 1)[1].splitlines()[0])
+    t = torch.nn.functional.normalize(torch.randn(2, 512, generator=torch.Generator().manual_seed(0)), dim=1)
+    single = get_method("esd_x")(demo_model, ErasureRequest(t[:1], t[1:]), seed=0, progress=False, **ESD_X)
+    stdout, _ = _wait(proc)
+    seen = json.loads(stdout.split("SEEN ", 1)[1].splitlines()[0])
     assert "micro_batch" in seen["micro_batch"] and "world size 2" in seen["micro_batch"]
     assert "bia" in seen["bia"] and "world size 2" in seen["bia"]
     dist = Patch.load(tmp_path / "esd_x.safetensors")
-    single = ff.erase(demo_model, [3], method="esd_x", seed=0, steps=3, micro_batch=3, lr=1e-4, report=False,
-                      progress=False).patch
     _assert_same_patch(dist, single)
