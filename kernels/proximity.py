@@ -223,21 +223,32 @@ def cpu_candidate_formats() -> list[str]:
     return out
 
 
-def _candidate_seconds(fmt: str, q_rows: int = 512, tile: int = 2048, D: int = 512, reps: int = 3) -> float:
+def _candidate_seconds(fmt: str, q_rows: int = 512, tile: int = 2048, D: int = 512, reps: int = 3,
+                       rows: str = "float32") -> float:
     """Best-of-`reps` time of one candidate-pass product (queries x a tile) in `fmt`, with the tile's
-    conversion into that format, on this CPU at the current thread count."""
+    conversion into that format, on this CPU at the current thread count. `rows`: the stored row type the
+    tiles come in ("float32", or "int8" for an int8 gallery file, which the int8 format multiplies as stored)."""
     import time
 
     gen = torch.Generator().manual_seed(0)
     q, g = torch.randn(q_rows, D, generator=gen), torch.randn(tile, D, generator=gen)
+    if rows == "int8":
+        g = torch.round(g * 20).clamp_(-127, 127).to(torch.int8)
     if fmt == "int8":
         qi = torch.randint(-127, 128, (q_rows, D), dtype=torch.int8, generator=gen)
-        run = lambda: torch._int_mm(qi, torch.round(g * 20).clamp_(-127, 127).to(torch.int8).T)  # noqa: E731
+        if rows == "int8" and int8_amx_available(D):
+            packed = torch.ops.onednn.qlinear_prepack(qi, [tile, D])
+            w, zp = torch.full((q_rows,), 1e-3), torch.zeros(q_rows, dtype=torch.int64)
+            run = lambda: torch.ops.onednn.qlinear_pointwise(  # noqa: E731
+                g.view(torch.uint8) ^ 128, 1.0, 128, packed, w, zp, None, 1.0, 0, None, "none", [], "")
+        else:
+            gi = lambda: g if g.dtype == torch.int8 else torch.round(g * 20).clamp_(-127, 127).to(torch.int8)  # noqa: E731
+            run = lambda: torch._int_mm(qi, gi().T)  # noqa: E731
     elif fmt == "bf16":
         qb = q.to(torch.bfloat16)
         run = lambda: qb @ g.to(torch.bfloat16).T  # noqa: E731
     else:
-        run = lambda: q @ g.T  # noqa: E731
+        run = lambda: q @ g.to(torch.float32).T  # noqa: E731
     run()  # first call: oneDNN kernel generation
     best = float("inf")
     for _ in range(reps):
@@ -248,18 +259,38 @@ def _candidate_seconds(fmt: str, q_rows: int = 512, tile: int = 2048, D: int = 5
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_candidate_format() -> str:
+def cpu_candidate_format(rows: str = "float32") -> str:
     """The format the CPU multiplies fastest, measured once per process among those it runs natively
     (AMX bf16 on recent Xeons, VNNI int8 or AVX512-BF16 on others, fp32 elsewhere): CPU kinds change
-    between machines, and capability flags alone do not rank them. Any choice gives exact results."""
+    between machines, and capability flags alone do not rank them. Any choice gives exact results.
+    `rows="int8"`: for the tiles of an int8 gallery file, which the int8 format multiplies as stored
+    (oneDNN's AMX-INT8 / VNNI linear where `int8_amx_available`), measured separately."""
     options = cpu_candidate_formats()
     if len(options) == 1:
         return options[0]
     try:
-        times = {fmt: _candidate_seconds(fmt) for fmt in options}
+        times = {fmt: _candidate_seconds(fmt) if rows == "float32" else _candidate_seconds(fmt, rows=rows)
+                 for fmt in options}
     except RuntimeError:  # a format the build cannot run after all
         return "fp32"
     return min(times, key=times.get)
+
+
+class _Buffers:
+    """One worker's scratch tensors, reused tile after tile instead of fresh allocations (whose pages the
+    kernel would zero and fault in again each time); each view is valid until the next get of its name."""
+
+    def __init__(self):
+        self._flat = {}
+
+    def get(self, name, shape, dtype):
+        n = 1
+        for d in shape:
+            n *= d
+        flat = self._flat.get(name)
+        if flat is None or flat.dtype != dtype or flat.numel() < n:
+            flat = self._flat[name] = torch.empty(n, dtype=dtype)
+        return flat[:n].view(shape)
 
 
 class _QueryBlock:
@@ -279,6 +310,8 @@ class _QueryBlock:
             self.e = torch.linalg.vector_norm(qb - c[:, None] * qi, dim=1) * (1.0 + 1e-12)
             self.qn_int8 = torch.linalg.vector_norm(c[:, None] * qi, dim=1) * (1.0 + 1e-12)
             self.op = qi.to(torch.int8)
+            self.zp = torch.zeros(len(rows), dtype=torch.int64)
+            self._packed = None
         else:
             self.op = self.q32.to(torch.bfloat16) if fmt == "bf16" else self.q32
         if fmt == "bf16":  # |bf16(q) - q|, exact enough in float64: the bf16 pass's input error on this side
@@ -288,6 +321,12 @@ class _QueryBlock:
         self.hits: list[tuple] = []  # (local query, gallery index, lo, hi)
         self.counts = torch.zeros(n, dtype=torch.int64, device=q64.device)
         self.overflow = torch.zeros(n, dtype=torch.bool, device=q64.device)
+
+    def packed(self, tile_rows):
+        """The int8 queries prepacked as oneDNN's linear weight (once per block)."""
+        if self._packed is None:
+            self._packed = torch.ops.onednn.qlinear_prepack(self.op, [tile_rows, self.op.shape[1]])
+        return self._packed
 
     def threshold(self):
         return torch.where(self.overflow, float("inf"), self.best_lo[:, -1])
@@ -339,6 +378,14 @@ class _Tile:
         return s.to(torch.float64), _eps_fp32(D) * block.qn[rows] * self.gn + 1e-30
 
 
+def _multipliers(nrm, scale, normalize):
+    """Per row s_j with score = (q . rows_j) s_j: 1 / |rows_j| (0 for a zero row) when normalising, else the
+    stored scale (1 without one)."""
+    if normalize:
+        return torch.where(nrm > NORM_EPS if scale is None else (nrm > 0) & (scale != 0), 1.0 / nrm, 0.0)
+    return scale if scale is not None else torch.ones_like(nrm)
+
+
 class _Bf16Tile:
     """A tile for the bf16 (AMX) pass, multiplied as stored: no normalised or fp32 copy of the tile.
 
@@ -349,39 +396,57 @@ class _Bf16Tile:
     and every pair found is re-scored in fp32 from the stored rows.
     """
 
-    def __init__(self, rows, scale, normalize, D, src=None, n0=0):
+    def __init__(self, rows, scale, normalize, D, src=None, n0=0, buffers=None):
         self.rows = rows
-        # one fp32 copy for the norms and the bf16 operand: float16 / int8 -> bf16 directly is slower here
+        buffers = buffers or _Buffers()
+        T = len(rows)
         wide = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        r = rows if rows.dtype == wide else rows.to(wide)
-        # norms of the stored rows (int8: exact in fp32, sums of squares of integers stay below 2**24)
-        nrm = torch.linalg.vector_norm(r, dim=1).to(torch.float32)
+        nrm = buffers.get("nrm", (T,), torch.float32)  # norms of the stored rows
+        self.op = op = buffers.get("op", (T, D), torch.bfloat16)  # the bf16 operand, reused tile after tile
+        rel = (D + 8) * U32
+        # int8 rows carry their own max, so their norms differ (~2x across a tile): the multiplier goes into
+        # the operand (below), computed slice by slice as the norms come
+        prescaled = rows.dtype == torch.int8
+        if rows.dtype in (torch.int8, torch.float16):
+            # in slices that stay in cache: int8 / float16 -> fp32 (exact), norms, [x s_j], -> bf16
+            scratch = buffers.get("scratch", (min(T, CONVERT_ROWS), D), torch.float32)
+            for i in range(0, T, CONVERT_ROWS):
+                j = min(i + CONVERT_ROWS, T)
+                sc = scratch[:j - i]
+                sc.copy_(rows[i:j])
+                torch.linalg.vector_norm(sc, dim=1, out=nrm[i:j])
+                if prescaled:
+                    sc.mul_(_multipliers(nrm[i:j], None if scale is None else scale[i:j], normalize)[:, None])
+                op[i:j].copy_(sc)
+        elif rows.dtype == torch.float32:
+            torch.linalg.vector_norm(rows, dim=1, out=nrm)
+            op.copy_(rows)
+        else:  # float64 / bfloat16 rows
+            r = rows.to(wide)
+            nrm.copy_(torch.linalg.vector_norm(r, dim=1))
+            op.copy_(r)
         if not bool(torch.isfinite(nrm).all()) or (scale is not None and not bool(torch.isfinite(scale).all())):
             raise _nonfinite(src or TensorRows(rows), n0, n0 + len(rows))
-        rel = (D + 8) * U32
-        if normalize:
-            s = torch.where(nrm > NORM_EPS if scale is None else (nrm > 0) & (scale != 0), 1.0 / nrm, 0.0)
-            self.gn = 1.0
-        else:
-            s = scale if scale is not None else torch.ones_like(nrm)
-            self.gn = float((nrm * s.abs()).max()) * (1.0 + 2 * rel) if len(nrm) else 0.0
+        s = _multipliers(nrm, scale, normalize)
+        self.gn = 1.0 if normalize else float((nrm * s.abs()).max()) * (1.0 + 2 * rel) if len(nrm) else 0.0
         self.s = s  # fp32 scores of stored rows: (q . rows_j) * s_j
         # |bf16(r) - r| <= rho |r| per row: bf16 holds int8 exactly, else relative rounding u_bf16
         self.rho = 0.0 if rows.dtype == torch.int8 else U_BF16
         self.theta = 0.0 if not normalize else rel  # relative error of s_j = 1 / |r_j| in fp32
         pos = s[s > 0]
-        if pos.numel() and float(pos.max()) > 1.01 * float(pos.min()) or bool((s < 0).any()):
-            # rows of unequal norm (int8 rows carry their row's max, raw embeddings vary): one X threshold
-            # would be loose for most rows, so the multiplier goes into the operand before bf16 rounding:
-            # op_j = bf16(fp32(rows_j s_j)) = r^_j (1 + theta)(1 + u32)(1 + u_b) elementwise, r^_j the
-            # unit (normalize) or scaled row: rho covers all three, and X needs no multiplier
-            r = r.mul_(s.to(wide)[:, None]) if r is not rows else r * s.to(wide)[:, None]
+        if not prescaled and (pos.numel() and float(pos.max()) > 1.01 * float(pos.min()) or bool((s < 0).any())):
+            # rows of unequal norm (raw embeddings): one X threshold would be loose for most rows
+            r = rows.to(wide)
+            op.copy_(r.mul_(s.to(wide)[:, None]) if r is not rows else r * s.to(wide)[:, None])
+            prescaled = True
+        if prescaled:
+            # op_j = bf16(fp32(rows_j s_j)) = r^_j (1 + theta)(1 + u32)(1 + u_b) elementwise, r^_j the unit
+            # (normalize) or scaled row: rho covers all three, and X needs no multiplier
             self.rho = (U_BF16 + U32 + self.theta) * 1.001
             self.theta = 0.0
             self.sx = (s != 0).to(torch.float32)
         else:
             self.sx = s  # the multiplier of X: score~_j = sx_j X_j
-        self.op = r.to(torch.bfloat16)  # exact for int8 rows (not prescaled)
         pos = self.sx[self.sx > 0]
         self.s_max = float(pos.max()) if pos.numel() else 0.0
         self.s_min = float(pos.min()) if pos.numel() else 1.0
@@ -390,7 +455,7 @@ class _Bf16Tile:
         r = self.rows if cols is None else self.rows.index_select(0, cols)
         return r.to(torch.float32)
 
-    def approx(self, block: "_QueryBlock", D):
+    def approx(self, block: "_QueryBlock", D, out=None):
         """X (Qb, T) bf16 and per query E with |sx_j X_j - score_j| <= U_OUT |sx_j X_j| + E.
 
         X~ = bf16(acc) for the fp32 sum acc of exact products of q_b = bf16(q), r_b = bf16(r):
@@ -405,7 +470,8 @@ class _Bf16Tile:
         gamma = 1.01 * D * U32
         E = self.gn * (1 + self.theta) * (gamma * (qn + dq) * (1 + self.rho) + dq + (qn + dq) * self.rho) \
             + self.gn * self.theta * qn
-        return block.op @ self.op.T, E * (1.0 + 1e-6) + 1e-30
+        X = torch.matmul(block.op, self.op.T, out=out) if out is not None else block.op @ self.op.T
+        return X, E * (1.0 + 1e-6) + 1e-30
 
     def approx_fp32(self, block: "_QueryBlock", D):
         """Dense fp32 scores of the whole tile, and their bound."""
@@ -426,6 +492,13 @@ class _Bf16Tile:
             torch.sum(bq[:m].mul_(g), 1, out=out[i:i + m])
         s = out.mul_(self.s[cols])
         return s.to(torch.float64), _eps_fp32(D) * block.qn[rows] * self.gn + 1e-30
+
+    def candidates(self, block, D, n0, exclude, buffers=None):
+        """(query, tile row) pairs that may reach the block's top-k; some may be excluded rows."""
+        out = buffers.get("X", (len(block.rows), len(self.rows)), torch.bfloat16) if buffers else None
+        X, E = self.approx(block, D, out=out)
+        _exclude(X, block, n0, exclude)
+        return _bf16_hits(X, self.x_threshold(block.threshold() - E))
 
     def x_threshold(self, t):
         """Per query: the lowest X that may have s_j X + U_OUT |s_j X| >= t for some row of this tile (t =
@@ -455,8 +528,99 @@ def _bf16_hits(X, thr):
     return hr[sel_hot], hg[sel_hot] + sel_m * width
 
 
-def _scan_block_bf16(block, tile: _Bf16Tile, D, n0, exclude, first):
-    """Fold one bf16 tile into the block's candidates and k-th lower bound (as _scan_block)."""
+class _Int8AmxTile(_Bf16Tile):
+    """A tile of int8 rows (an int8 gallery file) multiplied as stored, int8 x int8 on AMX-INT8 / VNNI through
+    oneDNN's quantized linear (`torch.ops.onednn.qlinear_pointwise`): the tile is the activation (uint8 =
+    row + 128, zero point 128), the block's int8 queries (q~ = c_q qi, `_QueryBlock`) the weight, prepacked
+    once per block. The int32 sums X = qi . r_j are exact.
+
+    Error: score~ = c_q s_j X_j with s_j the row multiplier (1 / |r_j| in fp32, relative error theta; or the
+    stored scale) and |score - score~| <= gn (1 + theta) |q - q~| + theta |q| =: E_q, as the rows are exact.
+    A pair may reach the top-k only if c_q s_j X_j >= t_q = L_q - E_q. For t_q > 0 that is
+    X_j c_q / (t_q o) >= 1 / (s_j o) =: a_j, so the per-query threshold goes into the weight scales
+    w_q = c_q / (t_q o) and the product's uint8 output u = sat(round(z)), z = fp32(X w_q) (relative error
+    < 2^-21), is tested against one integer per row: u_j >= floor(a_j (1 - 2^-20)) - 1 keeps every pair with
+    z_j >= a_j (round to nearest moves z by <= 1/2; the test allows 1). o puts the largest finite a_j at 200
+    (u saturates at 255). A row with s_j = 0 scores 0 and needs u >= 256: never kept while t_q > 0.
+    Blocks with a query at t_q <= 0 (no bound yet) go dense, as do early tiles with many hits.
+    """
+
+    def __init__(self, rows, scale, normalize, D, src=None, n0=0, buffers=None):
+        self.rows = rows
+        buffers = buffers or _Buffers()
+        T = len(rows)
+        nrm = buffers.get("nrm", (T,), torch.float32)
+        scratch = buffers.get("scratch", (min(T, CONVERT_ROWS), D), torch.float32)
+        for i in range(0, T, CONVERT_ROWS):  # sums of squares of integers below 2^24: exact norms
+            j = min(i + CONVERT_ROWS, T)
+            torch.linalg.vector_norm(scratch[:j - i].copy_(rows[i:j]), dim=1, out=nrm[i:j])
+        if scale is not None and not bool(torch.isfinite(scale).all()):
+            raise _nonfinite(src or TensorRows(rows), n0, n0 + T)
+        rel = (D + 8) * U32
+        s = _multipliers(nrm, scale, normalize)
+        self.s = s
+        self.gn = 1.0 if normalize else float((nrm * s.abs()).max()) * (1.0 + 2 * rel)
+        self.theta = rel if normalize else 0.0
+        self.u8 = torch.bitwise_xor(rows.view(torch.uint8), 128, out=buffers.get("u8", (T, D), torch.uint8))
+        inv = torch.where(s > 0, 1.0 / s.to(torch.float64), float("inf"))
+        finite = inv[torch.isfinite(inv)]
+        self.o = float(finite.max()) / 200.0 if finite.numel() else 1.0
+        a = torch.where(torch.isfinite(inv), inv / self.o * (1.0 - 2.0 ** -20), 1e9)
+        # 0..255 (uint8, as the product): a row no product can pass (s_j = 0) gets 255, a superset
+        self.U = (a.floor() - 1.0).clamp(0.0, 255.0).to(torch.uint8)
+        self.ok = not bool((s < 0).any())  # a negative multiplier (not from a gallery file) flips the test
+
+    def candidates(self, block, D, n0, exclude, buffers=None):
+        E = (self.gn * (1.0 + self.theta) * block.e + self.theta * block.qn) * (1.0 + 1e-6) + 1e-30
+        t = block.threshold() - E
+        if not self.ok or bool((t <= 0).any()):
+            return None, None  # dense
+        w = (block.c / (t * self.o)).to(torch.float32)  # t = inf (an overflowed query): 0, nothing kept
+        if not bool(torch.isfinite(w).all()):
+            return None, None
+        u = torch.ops.onednn.qlinear_pointwise(self.u8, 1.0, 128, block.packed(len(self.rows)), w, block.zp, None,
+                                               1.0, 0, None, "none", [], "")  # (T, Qb) uint8
+        hot = (u.amax(1) >= self.U).nonzero(as_tuple=True)[0]
+        T, Qb = u.shape
+        if hot.numel() <= T // 2 or (T * Qb) % 8:
+            rows, sel_hot = (u[hot] >= self.U[hot][:, None]).T.nonzero(as_tuple=True)  # by query, as the scan wants
+            return rows, hot[sel_hot]
+        # early tiles, most rows hot: test every pair, and find the few that pass 8 bytes at a time
+        m = torch.ge(u, self.U[:, None]).view(-1)
+        words = m.view(torch.int64).nonzero(as_tuple=True)[0]
+        w_i, byte = m.view(-1, 8)[words].nonzero(as_tuple=True)
+        flat = words[w_i] * 8 + byte
+        order = torch.argsort(flat % Qb, stable=True)  # by query
+        flat = flat[order]
+        return flat % Qb, flat // Qb
+
+
+@functools.lru_cache(maxsize=None)
+def int8_amx_available(D: int = 64) -> bool:
+    """Whether oneDNN's int8 linear (torch.ops.onednn.qlinear_*, the AMX-INT8 / VNNI product) runs here and
+    keeps what `_Int8AmxTile` relies on: exact int32 sums (float32 output) and uint8 output within 1/2 of
+    the scaled sum, saturating. Checked once per inner size D on random data."""
+    try:
+        gen = torch.Generator().manual_seed(D)
+        qi = torch.randint(-127, 128, (37, D), dtype=torch.int8, generator=gen)
+        gi = torch.randint(-127, 128, (70, D), dtype=torch.int8, generator=gen)
+        gu = gi.view(torch.uint8) ^ 128
+        packed = torch.ops.onednn.qlinear_prepack(qi, [70, D])
+        X = gi.to(torch.float64) @ qi.to(torch.float64).T
+        zp = torch.zeros(37, dtype=torch.int64)
+        x32 = torch.ops.onednn.qlinear_pointwise(gu, 1.0, 128, packed, torch.ones(37), zp, None, 1.0, 0,
+                                                 torch.float32, "none", [], "")
+        w = (torch.rand(37, generator=gen) * 400 / max(1.0, float(X.abs().max()))).to(torch.float32)
+        u = torch.ops.onednn.qlinear_pointwise(gu, 1.0, 128, packed, w, zp, None, 1.0, 0, None, "none", [], "")
+        z = (X * w.to(torch.float64)).clamp(0, 255)
+        return u.dtype == torch.uint8 and torch.equal(x32.to(torch.float64), X) and \
+            bool(((u.to(torch.float64) - z).abs() <= 0.5 + 1e-3).all())
+    except (RuntimeError, AttributeError, TypeError):  # no oneDNN quantized ops in this build
+        return False
+
+
+def _scan_block_bf16(block, tile: _Bf16Tile, D, n0, exclude, first, buffers=None):
+    """Fold one bf16 (or AMX int8) tile into the block's candidates and k-th lower bound (as _scan_block)."""
     k = block.k
     if first:  # no bound yet: the tile's own dense fp32 k-th best gives one
         X, eps = tile.approx_fp32(block, D)
@@ -464,11 +628,9 @@ def _scan_block_bf16(block, tile: _Bf16Tile, D, n0, exclude, first):
         L = X.topk(k, dim=1).values[:, -1].to(torch.float64) - eps if X.shape[1] >= k else block.threshold()
         dense = True
     else:
-        X, E = tile.approx(block, D)
-        _exclude(X, block, n0, exclude)
-        rows, cols = _bf16_hits(X, tile.x_threshold(block.threshold() - E))
-        dense = rows.numel() > X.numel() // 160  # early tiles: one dense fp32 product is cheaper
-        if dense:
+        rows, cols = tile.candidates(block, D, n0, exclude, buffers)
+        dense = rows is None or rows.numel() > len(block.rows) * len(tile.rows) // 160
+        if dense:  # early tiles: one dense fp32 product is cheaper
             X, eps = tile.approx_fp32(block, D)
             _exclude(X, block, n0, exclude)
             L = block.threshold()
@@ -513,6 +675,7 @@ def _merge_best(best, rows, vals, k):
 
 
 GROUP = 32  # gallery rows per group max: one pass over X finds the few groups worth a look
+CONVERT_ROWS = 512  # rows converted at a time (fp32 slice of 1 MB at D = 512: stays in cache)
 
 
 def _tile_hits(X, thr):
@@ -582,18 +745,26 @@ def _scan_tiles(q64, src, k, normalize, exclude, fmt, starts, tile, q_block):
     n_q, D = q64.shape
     blocks = [_QueryBlock(q64, torch.arange(s, min(s + q_block, n_q), device=q64.device), fmt, k)
               for s in range(0, n_q, q_block)]
+    buffers = _Buffers()
+    reads_into = getattr(src, "reads_into", False)  # a gallery file reads tiles into a reused buffer
     for t, n0 in enumerate(starts):
-        rows, scale = src.read_rows(n0, min(n0 + tile, src.shape[0]))
+        n1 = min(n0 + tile, src.shape[0])
+        if reads_into:
+            rows, scale = src.read_rows(n0, n1, out=buffers.get("rows", (n1 - n0, D), src.row_dtype))
+        else:
+            rows, scale = src.read_rows(n0, n1)
         if fmt == "bf16":
-            gt = _Bf16Tile(rows, scale, normalize, D, src, n0)
+            gt = _Bf16Tile(rows, scale, normalize, D, src, n0, buffers)
+        elif fmt == "int8" and rows.dtype == torch.int8 and int8_amx_available(D):
+            gt = _Int8AmxTile(rows, scale, normalize, D, src, n0, buffers)
         else:
             try:
                 gt = _Tile(_values32(rows, scale) if scale is not None else rows, fmt, normalize, D)
             except ValueError:
                 raise _nonfinite(src, n0, n0 + len(rows)) from None
         for block in blocks:
-            if fmt == "bf16":
-                _scan_block_bf16(block, gt, D, n0, exclude, first=t == 0)
+            if isinstance(gt, _Bf16Tile):
+                _scan_block_bf16(block, gt, D, n0, exclude, first=t == 0, buffers=buffers)
             else:
                 _scan_block(block, gt, fmt, D, n0, exclude, first=t == 0)
             if (t + 1) % 64 == 0 or block.counts.max() > CANDIDATE_CAP:
@@ -606,7 +777,7 @@ def _single_threaded(fn, *args):
     return fn(*args)
 
 
-TILE_ROWS = {"bf16": 4096, "int8": 1024, "fp32": 1024}  # measured: AMX bf16 wants wide tiles
+TILE_ROWS = {"bf16": 4096, "int8": 1024, "fp32": 1024}  # measured: AMX wants wide tiles (int8 files: 4096 too)
 
 
 def scan_blocked(q64, g, k, normalize, exclude, fmt, tile=None, q_block=1024, workers=None):
@@ -617,7 +788,9 @@ def scan_blocked(q64, g, k, normalize, exclude, fmt, tile=None, q_block=1024, wo
     descheduled thread. Each worker keeps its own k-th lower bounds; they are merged at the end.
     """
     g = _source(g)
-    tile = tile or TILE_ROWS[fmt]
+    if tile is None:
+        amx_int8 = fmt == "int8" and getattr(g, "row_dtype", None) == torch.int8 and int8_amx_available(g.shape[1])
+        tile = TILE_ROWS["bf16" if amx_int8 else fmt]
     starts = list(range(0, g.shape[0], tile))
     workers = max(1, min(workers or torch.get_num_threads(), len(starts))) if g.device.type == "cpu" else 1
     args = (q64, g, k, normalize, exclude, fmt)
@@ -736,11 +909,14 @@ def _int_mm_exact(D: int) -> bool:
 def proximity_topk_torch(q, g, k, normalize, exclude, candidates="auto"):
     """torch backend: blocked candidate pass (int8 / bf16 / fp32) and exact float64 re-rank."""
     q64 = _queries64(q, normalize)
+    int8_rows = getattr(g, "row_dtype", None) == torch.int8  # an int8 gallery file
     if candidates == "auto":
-        candidates = cpu_candidate_format() if g.device.type == "cpu" else "fp32"
+        candidates = "fp32" if g.device.type != "cpu" else cpu_candidate_format("int8") if int8_rows \
+            else cpu_candidate_format()
     if candidates not in ("int8", "bf16", "fp32"):
         raise ValueError(f"candidates must be 'auto', 'int8', 'bf16' or 'fp32', got {candidates!r}")
-    if candidates == "int8" and (g.device.type != "cpu" or not _int_mm_exact(g.shape[1])):
+    if candidates == "int8" and (g.device.type != "cpu" or not (
+            int8_rows and int8_amx_available(g.shape[1]) or _int_mm_exact(g.shape[1]))):
         candidates = "fp32"
     cand_q, cand_j, overflow = scan_blocked(q64, g, k, normalize, exclude, candidates)
     return rerank_exact(q64, g, k, normalize, exclude, cand_q, cand_j, overflow)

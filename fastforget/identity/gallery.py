@@ -192,6 +192,7 @@ class GalleryFile:
     file is (mapped pages would count towards the process's resident memory)."""
 
     device = torch.device("cpu")
+    reads_into = True  # read_rows(..., out=buffer): the search reuses one buffer for every tile
 
     def __init__(self, path):
         path = Path(path)
@@ -246,14 +247,21 @@ class GalleryFile:
                                  "are negative, NaN or inf")
         self._fd = os.open(path, os.O_RDONLY)
         self._np_dtype = np.dtype(FILE_DTYPES[dtype]).newbyteorder("<")
+        self.row_dtype = {"float16": torch.float16, "int8": torch.int8, "float32": torch.float32}[dtype]
 
     # ---- the row-source interface of fastforget.kernels.proximity_topk
-    def read_rows(self, start: int, stop: int):
-        """Stored rows [start, stop) as a tensor (float16 / float32 / int8) and their scales (int8) or None."""
-        buf = np.empty((stop - start, self.shape[1]), dtype=self._np_dtype)
-        self._pread(memoryview(buf).cast("B"), self.row_bytes * start)
-        rows = torch.from_numpy(buf)
-        return rows, None if self.scale is None else self.scale[start:stop]
+    def read_rows(self, start: int, stop: int, out: torch.Tensor | None = None):
+        """Stored rows [start, stop) as a tensor (float16 / float32 / int8) and their scales (int8) or None.
+        `out`: a contiguous CPU tensor of `row_dtype` and shape (stop - start, D) to read into (returned)."""
+        if out is None:
+            out = torch.from_numpy(np.empty((stop - start, self.shape[1]), dtype=self._np_dtype))
+        elif out.dtype != self.row_dtype or tuple(out.shape) != (stop - start, self.shape[1]) \
+                or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"read_rows out: expected a contiguous CPU {self.row_dtype} tensor of shape "
+                             f"({stop - start}, {self.shape[1]}), got {out.dtype} {tuple(out.shape)}")
+        # numpy's view of the same memory (a little-endian host: the file's byte order)
+        self._pread(memoryview(out.numpy()).cast("B"), self.row_bytes * start)
+        return out, None if self.scale is None else self.scale[start:stop]
 
     def gather_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """float64 values of rows `idx` (any order, repeats allowed), read in runs of consecutive rows."""
