@@ -48,6 +48,10 @@ mode (no dropout). On GPU, its attn2 modules use fastforget's fused masked cross
 processor (Triton forward and backward); on CPU that processor dispatches to torch SDPA.
 Metadata holds salted fingerprints of targets and anchors and the per-step losses, never raw
 embeddings.
+
+Data-parallel (torchrun, fastforget.distributed): `micro_batch` is the global micro-batch. Every rank
+draws it whole from the generator (so the draws stay in step) and runs the teacher and the student on its
+rows only (`student_shard`); the patch equals the single-process one within float tolerance.
 """
 from __future__ import annotations
 

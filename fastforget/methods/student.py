@@ -113,8 +113,9 @@ def train_student(teacher, modules: list[str] | None, loss_fn, *, steps: int, lr
     processor). Returns the changed tensors under "unet.<name>" and the per-step loss history.
 
     `sharded=True` declares that loss_fn computes only this rank's rows (`student_shard`, `shard_mse_loss`);
-    then, under a process group of world size > 1, training is data-parallel (see the module docstring). A
-    loss_fn that is not sharded raises InputError under a process group."""
+    then, under a process group of world size > 1, training is data-parallel (see the module docstring; DDP's
+    rule: the student is called once per micro-batch). A loss_fn that is not sharded raises InputError under a
+    process group."""
     from tqdm import tqdm
 
     world = distributed.world_size()
