@@ -177,6 +177,7 @@ class TensorRows:
         self.g = g
         self.shape = tuple(g.shape)
         self.device = g.device
+        self.row_dtype = g.dtype
 
     def read_rows(self, start: int, stop: int):
         return self.g[start:stop], None
@@ -223,32 +224,29 @@ def cpu_candidate_formats() -> list[str]:
     return out
 
 
-def _candidate_seconds(fmt: str, q_rows: int = 512, tile: int = 2048, D: int = 512, reps: int = 3,
+def _candidate_seconds(fmt: str, q_rows: int = 1024, tile: int = 4096, D: int = 512, reps: int = 3,
                        rows: str = "float32") -> float:
-    """Best-of-`reps` time of one candidate-pass product (queries x a tile) in `fmt`, with the tile's
-    conversion into that format, on this CPU at the current thread count. `rows`: the stored row type the
-    tiles come in ("float32", or "int8" for an int8 gallery file, which the int8 format multiplies as stored)."""
+    """Best-of-`reps` time of one tile of the candidate pass in `fmt` (the tile's conversion into that format,
+    the product with `q_rows` queries, the hit test), on this CPU at the current thread count. `rows`: the
+    stored row type the tiles come in ("float32"; "float16" / "int8" for gallery files)."""
     import time
 
     gen = torch.Generator().manual_seed(0)
-    q, g = torch.randn(q_rows, D, generator=gen), torch.randn(tile, D, generator=gen)
-    if rows == "int8":
-        g = torch.round(g * 20).clamp_(-127, 127).to(torch.int8)
-    if fmt == "int8":
+    q, g = F.normalize(torch.randn(q_rows, D, generator=gen, dtype=torch.float64), dim=1), torch.randn(tile, D, generator=gen)
+    g = {"int8": lambda: torch.round(g * 20).clamp_(-127, 127).to(torch.int8), "float16": g.half}.get(rows, lambda: g)()
+    buffers = _Buffers()
+    if fmt == "int8" and not (g.dtype in AMX_INT8_ROWS and int8_amx_available(D)):
         qi = torch.randint(-127, 128, (q_rows, D), dtype=torch.int8, generator=gen)
-        if rows == "int8" and int8_amx_available(D):
-            packed = torch.ops.onednn.qlinear_prepack(qi, [tile, D])
-            w, zp = torch.full((q_rows,), 1e-3), torch.zeros(q_rows, dtype=torch.int64)
-            run = lambda: torch.ops.onednn.qlinear_pointwise(  # noqa: E731
-                g.view(torch.uint8) ^ 128, 1.0, 128, packed, w, zp, None, 1.0, 0, None, "none", [], "")
-        else:
-            gi = lambda: g if g.dtype == torch.int8 else torch.round(g * 20).clamp_(-127, 127).to(torch.int8)  # noqa: E731
-            run = lambda: torch._int_mm(qi, gi().T)  # noqa: E731
-    elif fmt == "bf16":
-        qb = q.to(torch.bfloat16)
-        run = lambda: qb @ g.to(torch.bfloat16).T  # noqa: E731
+        gi = lambda: g if g.dtype == torch.int8 else torch.round(g.float() * 20).clamp_(-127, 127).to(torch.int8)  # noqa: E731
+        run = lambda: torch._int_mm(qi, gi().T)  # noqa: E731
+    elif fmt in ("int8", "bf16"):
+        block = _QueryBlock(q, torch.arange(q_rows), fmt, 10)
+        block.best_lo.fill_(0.25)  # a bound as after the first tiles: few hits
+        kind = _Int8AmxTile if fmt == "int8" else _Bf16Tile
+        run = lambda: kind(g, None, True, D, buffers=buffers).candidates(block, D, 0, None, buffers)  # noqa: E731
     else:
-        run = lambda: q @ g.to(torch.float32).T  # noqa: E731
+        q32 = q.to(torch.float32)
+        run = lambda: q32 @ g.to(torch.float32).T  # noqa: E731
     run()  # first call: oneDNN kernel generation
     best = float("inf")
     for _ in range(reps):
@@ -263,8 +261,8 @@ def cpu_candidate_format(rows: str = "float32") -> str:
     """The format the CPU multiplies fastest, measured once per process among those it runs natively
     (AMX bf16 on recent Xeons, VNNI int8 or AVX512-BF16 on others, fp32 elsewhere): CPU kinds change
     between machines, and capability flags alone do not rank them. Any choice gives exact results.
-    `rows="int8"`: for the tiles of an int8 gallery file, which the int8 format multiplies as stored
-    (oneDNN's AMX-INT8 / VNNI linear where `int8_amx_available`), measured separately."""
+    `rows="int8"` / `"float16"`: for the tiles of a gallery file of that type, measured separately (the int8
+    format multiplies int8 rows as stored: oneDNN's AMX-INT8 / VNNI linear where `int8_amx_available`)."""
     options = cpu_candidate_formats()
     if len(options) == 1:
         return options[0]
@@ -675,6 +673,8 @@ def _merge_best(best, rows, vals, k):
 
 
 GROUP = 32  # gallery rows per group max: one pass over X finds the few groups worth a look
+AMX_INT8_ROWS = (torch.int8,)  # stored row types _Int8AmxTile takes (quantising float16 rows per tile in
+# torch costs more than the faster product saves: measured 2.7-3.3 ms against 1.1-1.5 ms for bf16 per 4,096 rows)
 CONVERT_ROWS = 512  # rows converted at a time (fp32 slice of 1 MB at D = 512: stays in cache)
 
 
@@ -755,7 +755,7 @@ def _scan_tiles(q64, src, k, normalize, exclude, fmt, starts, tile, q_block):
             rows, scale = src.read_rows(n0, n1)
         if fmt == "bf16":
             gt = _Bf16Tile(rows, scale, normalize, D, src, n0, buffers)
-        elif fmt == "int8" and rows.dtype == torch.int8 and int8_amx_available(D):
+        elif fmt == "int8" and rows.dtype in AMX_INT8_ROWS and int8_amx_available(D):
             gt = _Int8AmxTile(rows, scale, normalize, D, src, n0, buffers)
         else:
             try:
@@ -789,7 +789,7 @@ def scan_blocked(q64, g, k, normalize, exclude, fmt, tile=None, q_block=1024, wo
     """
     g = _source(g)
     if tile is None:
-        amx_int8 = fmt == "int8" and getattr(g, "row_dtype", None) == torch.int8 and int8_amx_available(g.shape[1])
+        amx_int8 = fmt == "int8" and getattr(g, "row_dtype", None) in AMX_INT8_ROWS and int8_amx_available(g.shape[1])
         tile = TILE_ROWS["bf16" if amx_int8 else fmt]
     starts = list(range(0, g.shape[0], tile))
     workers = max(1, min(workers or torch.get_num_threads(), len(starts))) if g.device.type == "cpu" else 1
@@ -909,14 +909,15 @@ def _int_mm_exact(D: int) -> bool:
 def proximity_topk_torch(q, g, k, normalize, exclude, candidates="auto"):
     """torch backend: blocked candidate pass (int8 / bf16 / fp32) and exact float64 re-rank."""
     q64 = _queries64(q, normalize)
-    int8_rows = getattr(g, "row_dtype", None) == torch.int8  # an int8 gallery file
+    rows = getattr(g, "row_dtype", getattr(g, "dtype", None))  # a gallery file's stored type, or the tensor's
     if candidates == "auto":
-        candidates = "fp32" if g.device.type != "cpu" else cpu_candidate_format("int8") if int8_rows \
+        kind = {torch.int8: "int8", torch.float16: "float16"}.get(rows)
+        candidates = "fp32" if g.device.type != "cpu" else cpu_candidate_format(kind) if kind \
             else cpu_candidate_format()
     if candidates not in ("int8", "bf16", "fp32"):
         raise ValueError(f"candidates must be 'auto', 'int8', 'bf16' or 'fp32', got {candidates!r}")
     if candidates == "int8" and (g.device.type != "cpu" or not (
-            int8_rows and int8_amx_available(g.shape[1]) or _int_mm_exact(g.shape[1]))):
+            rows in AMX_INT8_ROWS and int8_amx_available(g.shape[1]) or _int_mm_exact(g.shape[1]))):
         candidates = "fp32"
     cand_q, cand_j, overflow = scan_blocked(q64, g, k, normalize, exclude, candidates)
     return rerank_exact(q64, g, k, normalize, exclude, cand_q, cand_j, overflow)
