@@ -46,7 +46,7 @@ log = logging.getLogger("fastforget")
 LEDGER_FORMAT = "fastforget.ledger/1"
 STATS_FORMAT = "fastforget.batch-statistics/1"
 REQUEST_FIELDS = ("id", "targets", "retain")
-STRUCTURES = ("kv", "mlp")
+STRUCTURES = ("kv", "mlp", "keyed")
 # "mlp": measured on the testbed (benchmarks/batch_capacity.py); its key space holds more identities than the
 # D x D map, and preserved rows must be held harder there (their keys overlap the targets' more)
 MLP_DEFAULTS = {"preserve_weight": 2.0, "neighbours": 0}
@@ -344,6 +344,10 @@ class BatchStatistics:
                    meta["salt"], meta["seed"], reqs)
 
 
+KEYED_NOTE = ("text-encoder states c: target_residual = |c'(t) - c(anchor)| / |c(t) - c(anchor)| (0: the target "
+              "draws its anchor); retain_movement / preserve_movement = |c'(x) - c(x)| / the mean |c(t) - c(anchor)| "
+              "(0: unchanged), for the new requests' retained people and 256 preservation identities; on <= "
+              "50 new requests evenly spaced; units = added MLP units (2 per identity-carrying position)")
 GRAM_CHUNK = 64  # requests per float64 product in the normal equations
 METRIC_SAMPLE = 50  # requests the report's state-space metrics are measured on
 
@@ -525,8 +529,16 @@ def _build(base, stats: BatchStatistics, method: str, anchors=None, t_solve: flo
     from fastforget.verify import Report
 
     t0 = time.perf_counter()
-    tmap = stats.solve()
-    if stats.structure == "mlp":
+    keyed = stats.structure == "keyed"
+    tmap = None if keyed else stats.solve()
+    if keyed:
+        from fastforget.keyed import widened
+
+        units = [r for r in stats.requests if r.status == "erased"]
+        src = torch.cat([r.src for r in units]) if units else torch.zeros(0, stats.d + 1)
+        dst = torch.cat([r.dst for r in units]) if units else torch.zeros(0, stats.d)
+        new = widened(base, src[:, :-1], src[:, -1], dst)
+    elif stats.structure == "mlp":
         name = mlp_name(base)
         new = {name: (get_parameter(base, name).detach().double().cpu() + tmap).float()}
     else:
@@ -543,14 +555,17 @@ def _build(base, stats: BatchStatistics, method: str, anchors=None, t_solve: flo
     erased = base.clone(only=patch.names)
     patch.apply(erased)
     solve_s = time.perf_counter() - t0
-    report = Report(_state_metrics(base, tmap, stats),
+    metrics = {"requests": len(erased_ids), "units": len(src), "intermediate_size":
+               erased.text_encoder.config.intermediate_size} if keyed else _state_metrics(base, tmap, stats)
+    report = Report(metrics,
                     {"method": method, "requests": len(erased_ids), "withdrawn": len(stats.ids("withdrawn")),
                      "fit_seconds": t_solve + solve_s, "patch_fingerprint": patch.fingerprint(),
                      "preservation": stats.preserve,
-                     "metrics_note": "state space: W0 = every attn2 to_k/to_v stacked; target_residual = "
-                                     "|W(c_t) - W0(c_dst)| / |W0(c_t) - W0(c_dst)| (0: fully redirected); "
-                                     "held_movement = |W(c) - W0(c)| / the same scale, for retained and "
-                                     f"withdrawn rows (0: unchanged); on <= {METRIC_SAMPLE} requests evenly spaced"})
+                     "metrics_note": KEYED_NOTE if keyed else
+                     "state space: W0 = every attn2 to_k/to_v stacked; target_residual = "
+                     "|W(c_t) - W0(c_dst)| / |W0(c_t) - W0(c_dst)| (0: fully redirected); "
+                     "held_movement = |W(c) - W0(c)| / the same scale, for retained and "
+                     f"withdrawn rows (0: unchanged); on <= {METRIC_SAMPLE} requests evenly spaced"})
     return BatchResult(erased, patch, report, anchors, _ledger(stats, patch, method), stats, base)
 
 
@@ -633,7 +648,12 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
     anchor_tau = check_float(anchor_tau, "anchor_tau")
     if structure is not None and structure not in STRUCTURES:
         raise InputError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
-    validate_options("closed_form", options)
+    from fastforget.keyed import resolve_keyed
+
+    if structure == "keyed":
+        resolve_keyed(dict(options))
+    else:
+        validate_options("closed_form", options)
     rounds = options.get("adversarial_rounds", 0)
     if rounds:  # the hardening rounds re-solve on the edited model: not a sum over requests
         raise InputError(f"erase_batch: option 'adversarial_rounds' = {rounds!r} is not supported in a batch (its "
@@ -658,8 +678,11 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
         structure = old.structure
     else:
         structure = structure or "kv"
-        defaults = {**CLOSED_FORM_DEFAULTS, **(MLP_DEFAULTS if structure == "mlp" else {})}
-        cfg = {**_resolve("closed_form", defaults, dict(options)), "structure": structure}
+        if structure == "keyed":
+            cfg = {**resolve_keyed(dict(options)), "structure": structure}
+        else:
+            defaults = {**CLOSED_FORM_DEFAULTS, **(MLP_DEFAULTS if structure == "mlp" else {})}
+            cfg = {**_resolve("closed_form", defaults, dict(options)), "structure": structure}
         salt = check_salt(DEFAULT_SALT if salt is None else salt)
         base = load(model)
         old = None
@@ -687,7 +710,7 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
         pres = testbed_set(resolve_encoder(encoder, base, "erase_batch"))
     else:
         pres = _resolve_preserve(preserve, base, lambda: resolve_encoder(encoder, base, "erase_batch"), seed,
-                                 progress) if cfg["use_preserve"] else None
+                                 progress) if cfg.get("use_preserve", True) else None
     if old is not None:
         if old.text_encoder != text_fp:
             raise InputError("model: the batch folder's model is not the one its statistics were computed on")
@@ -699,9 +722,13 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
         stats = copy.copy(old)  # the batch being extended is not modified
         stats.requests, stats.drops = list(old.requests), dict(old.drops)
     else:
-        g = _base_gram(base, pres.embeddings if pres is not None else None, structure)
-        stats = BatchStatistics(cfg, len(g), g, {}, {"kind": pres.kind, "key": pres.key, "size": len(pres.embeddings)}
+        g = _base_gram(base, pres.embeddings if pres is not None else None, structure) if structure != "keyed" \
+            else torch.zeros(1, 1, dtype=torch.float64)  # keyed units need no Gram: each stands alone
+        stats = BatchStatistics(cfg, base.text_width if structure == "keyed" else len(g), g, {},
+                                {"kind": pres.kind, "key": pres.key, "size": len(pres.embeddings)}
                                 if pres is not None else {"kind": None, "key": None, "size": 0}, text_fp, salt, seed)
+    if structure == "keyed":
+        return _erase_keyed(base, stats, reqs, pres, anchor_tau, t0)
     pool = pres.anchor_pool if pres is not None else None
     all_anchors = []
     stamp = _now()
@@ -744,6 +771,63 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
     log.info("erase_batch: %d request(s) (%d new) in %.2fs", len(stats.ids("erased")), len(reqs),
              res.report.details["fit_seconds"])
     return res
+
+
+def _erase_keyed(base, stats: BatchStatistics, reqs: list[BatchRequest], pres, anchor_tau: float, t0: float):
+    """structure "keyed": each new request's units (fastforget.keyed), appended to the batch's; one patch."""
+    from fastforget.identity.anchors import select_anchors
+    from fastforget.keyed import check_text_encoder, key_statistics, make_units
+    from fastforget.patch import fingerprint_embeddings
+
+    check_text_encoder(base)
+    kstats = key_statistics(base, pres.embeddings if pres is not None else None, stats.config)
+    anchors = [select_anchors(r.target_emb, pres.anchor_pool, tau=anchor_tau, seed=request_seed(stats.seed, r.id))[0]
+               for r in reqs]
+    targets = torch.cat([r.target_emb for r in reqs])
+    rows, bias, cols = make_units(base, kstats, targets, torch.cat(anchors), stats.config)
+    per = len(rows) // len(targets)  # units per identity: 2 per identity-carrying position
+    stamp, at = _now(), 0
+    for r in reqs:
+        n = len(r.target_emb) * per
+        stats.requests.append(RequestStatistics(
+            r.id, torch.cat([rows[at:at + n], bias[at:at + n, None]], 1).contiguous(), cols[at:at + n].contiguous(),
+            None, [], fingerprint_embeddings(r.target_emb, stats.salt), len(r.target_emb), stamp))
+        at += n
+    t_units = time.perf_counter() - t0
+    res = _build(base, stats, "batch:keyed", torch.cat(anchors), t_units)
+    res.report.metrics.update(_keyed_measured(base, res.model, reqs, anchors, pres))
+    res.report.metrics["positions"] = kstats["positions"]
+    log.info("erase_batch: %d request(s) (%d new) in %.2fs", len(stats.ids("erased")), len(reqs),
+             res.report.details["fit_seconds"])
+    return res
+
+
+@torch.no_grad()
+def _keyed_measured(base, erased, reqs, anchors, pres) -> dict:
+    """On <= METRIC_SAMPLE of the new requests: how far each target's conditioning still is from its anchor's
+    (relative to where it started), and how much retained and preserved people's conditioning moved."""
+    step = max(1, len(reqs) // METRIC_SAMPLE)
+    tg = torch.cat([r.target_emb[:1] for r in reqs[::step]])
+    an = torch.cat([a[:1] for a in anchors[::step]])
+    c0, ca, ce = base.condition(tg).float(), base.condition(an).float(), erased.condition(tg).float()
+    gap = (c0 - ca).flatten(1).norm(dim=1)
+    out = {"target_residual": float(((ce - ca).flatten(1).norm(dim=1) / gap.clamp_min(1e-12)).mean())}
+    scale = float(gap.mean())
+
+    def moved(emb):
+        return float((erased.condition(emb).float() - base.condition(emb).float()).flatten(1).norm(dim=1).mean()) / scale
+
+    rets = [r.retain_emb for r in reqs[::step] if r.retain_emb is not None]
+    out["retain_movement"] = moved(torch.cat(rets)) if rets else None
+    if pres is not None:
+        out["preserve_movement"] = moved(pres.embeddings[_evenly_spaced(len(pres.embeddings), 256)].float())
+    return out
+
+
+def _evenly_spaced(n: int, k: int) -> torch.Tensor:
+    from fastforget.keyed import _evenly
+
+    return _evenly(n, k)
 
 
 def _check_old_retains(reqs, old: BatchStatistics, salt: str) -> None:

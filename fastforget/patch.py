@@ -51,6 +51,28 @@ def get_parameter(model, name: str) -> torch.Tensor:
         raise InputError(f"patch tensor {name!r}: the model has no such parameter") from None
 
 
+def set_parameter(model, name: str, value: torch.Tensor) -> None:
+    """Write `value` into parameter `name`: in place when the shape is the same; otherwise (a keyed edit that
+    adds MLP units) the parameter is replaced, the Linear's in/out_features follow, and a CLIP text encoder's
+    config.intermediate_size follows its MLPs (they must agree to save and reload in transformers)."""
+    p = get_parameter(model, name)
+    if tuple(p.shape) == tuple(value.shape):
+        p.copy_(value)
+        return
+    comp, _, rest = name.partition(".")
+    root = _components(model)[comp]
+    mod_name, _, attr = rest.rpartition(".")
+    mod = root.get_submodule(mod_name)
+    setattr(mod, attr, torch.nn.Parameter(value.to(p.dtype).to(p.device).clone(), requires_grad=p.requires_grad))
+    if isinstance(mod, torch.nn.Linear):
+        mod.out_features, mod.in_features = mod.weight.shape
+    layers = getattr(getattr(getattr(root, "text_model", None), "encoder", None), "layers", None)
+    if layers is not None and hasattr(root.config, "intermediate_size"):
+        widths = {layer.mlp.fc1.weight.shape[0] for layer in layers}
+        if len(widths) == 1 and all(layer.mlp.fc2.weight.shape[1] == next(iter(widths)) for layer in layers):
+            root.config.intermediate_size = next(iter(widths))
+
+
 class Patch:
     def __init__(self, new: dict, old: dict, metadata: dict | None = None):
         if set(new) != set(old):
@@ -64,7 +86,7 @@ class Patch:
         """A patch that sets `new_values` (name -> tensor) on `model`, whose current values become `old`."""
         old = {k: get_parameter(model, k).detach().clone() for k in new_values}
         for k, v in new_values.items():
-            if v.shape != old[k].shape:
+            if v.shape != old[k].shape and not (k.startswith("text_encoder.") and ".mlp.fc" in k and v.ndim == old[k].ndim):
                 raise InputError(f"patch tensor {k!r}: shape {tuple(v.shape)} != model's {tuple(old[k].shape)}")
         new = {k: v.detach().to(old[k].dtype) for k, v in new_values.items()}
         return cls(new, old, metadata)
@@ -95,7 +117,7 @@ class Patch:
                 raise PatchMismatchError(f"patch does not fit this model: {bad!r} is not the tensor the patch was "
                                          "made from (already applied, or another model)")
             for k, v in self.new.items():
-                get_parameter(model, k).copy_(v)
+                set_parameter(model, k, v)
         return model
 
     def revert(self, model, check: bool = True):
@@ -110,7 +132,7 @@ class Patch:
                                          "the patch set (not applied, already reverted, edited since, or another "
                                          "model); pass check=False to force the original values back")
             for k, v in self.old.items():
-                get_parameter(model, k).copy_(v)
+                set_parameter(model, k, v)
         return model
 
     def fingerprint(self) -> str:
