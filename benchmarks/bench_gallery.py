@@ -6,7 +6,8 @@ saved as int8 and float16 gallery files (`ff.gallery.save(..., dtype=...)`, `ff.
 file searched in a fresh process whose peak resident memory is measured. 1,000 queries, k = 10.
 Indices are checked against faiss (in-memory rows) and against a float64 search of the rows each
 method searched (file rows are quantised, so their exact answer is their own). The CPU model and flags,
-the candidate format chosen at run time and the thread count are recorded.
+the candidate format chosen at run time (per stored row type: a file's format is the one its search
+process chose) and the thread count are recorded.
 
     python benchmarks/bench_gallery.py [--n 1000000] [--q 1000] [--k 10] [--threads auto|1|2]
                                        [--big-rows 10000000 --big-q 100]   # an extra, larger-than-RAM-style file row
@@ -79,12 +80,16 @@ def child_search(path, queries_npy, k, threads, out_json):
     torch.set_num_threads(threads)
     q = torch.from_numpy(np.load(queries_npy))
     g = ff.gallery.open(path)
-    ff.kernels.proximity_topk(q[:2], g, k)  # warm: imports, oneDNN kernels (not the whole file)
+    ff.kernels.proximity_topk(q[:2], g, k)  # warm: imports, oneDNN kernels, the format choice (not the whole file)
+    from fastforget.kernels import proximity
+
+    fmt = proximity.cpu_candidate_format({"int8": "int8", "float16": "float16"}.get(g.dtype, "float32"))
     base = rss_mb()
     wall, cpu, (_, idx) = timed(lambda: ff.kernels.proximity_topk(q, g, k))
     peak = rss_mb("VmHWM")
     np.save(out_json + ".idx.npy", idx.numpy())
-    json.dump({"wall": wall, "cpu": cpu, "rss_before_mb": base, "peak_rss_mb": peak}, open(out_json, "w"))
+    json.dump({"wall": wall, "cpu": cpu, "rss_before_mb": base, "peak_rss_mb": peak, "format": fmt},
+              open(out_json, "w"))
 
 
 def run_child(path, queries, k, threads, tmp):
@@ -155,7 +160,7 @@ def main():
     gallery = unit_rows(args.n, args.d, gen)
     queries = unit_rows(args.q, args.d, gen)
     lines = [f"CPU: {info['model']}, {info['cores']} cores; flags {' '.join(info['flags'])}; torch {info['torch']} "
-             f"({info['torch_capability']}); candidate format chosen at run time: {info['candidate_format']}",
+             f"({info['torch_capability']}); candidate format chosen at run time for float32 rows: {info['candidate_format']}",
              f"gallery {args.n:,} x {args.d} random unit rows, {args.q:,} queries, k = {args.k}, {threads} thread(s) "
              f"for every method ({why}); load average at start {os.getloadavg()[0]:.2f}"]
     print("\n".join(lines), flush=True)
@@ -189,7 +194,7 @@ def main():
             g = ff.gallery.open(path)
             ex = exact_file(queries[check], g, args.k)
             size = path.stat().st_size / 2**20
-            rows[f"proximity_topk ({dtype} file, {info['candidate_format']})"] = dict(
+            rows[f"proximity_topk ({dtype} file, {res['format']})"] = dict(
                 wall=res["wall"], cpu=res["cpu"], idx=res["idx"], file_mb=size, write_s=t_write,
                 rss_before_mb=res["rss_before_mb"], peak_rss_mb=res["peak_rss_mb"],
                 memory=f"file {size:.0f} MB; RSS {res['rss_before_mb']:.0f} -> {res['peak_rss_mb']:.0f} MB",
@@ -207,7 +212,7 @@ def main():
             nchk = min(8, args.big_q)
             ex = exact_file(bq[:nchk], g, args.k, chunk=1 << 15)
             size = path.stat().st_size / 2**20
-            rows[f"proximity_topk (int8 file {args.big_rows / 1e6:g}M rows, {args.big_q} q)"] = dict(
+            rows[f"proximity_topk (int8 file {args.big_rows / 1e6:g}M rows, {args.big_q} q, {res['format']})"] = dict(
                 wall=res["wall"], cpu=res["cpu"], idx=None, file_mb=size, write_s=t_write,
                 rss_before_mb=res["rss_before_mb"], peak_rss_mb=res["peak_rss_mb"],
                 memory=f"file {size:.0f} MB; RSS {res['rss_before_mb']:.0f} -> {res['peak_rss_mb']:.0f} MB",
@@ -215,7 +220,7 @@ def main():
             g.close()
 
     base = rows["faiss-cpu IndexFlatIP (float32 in RAM)"]
-    head = (f"{'method':48} {'time s':>7} {'cpu s':>7} {'vs faiss':>8} {'cpu vs faiss':>12} {'== faiss':>10} "
+    head = (f"{'method':56} {'time s':>7} {'cpu s':>7} {'vs faiss':>8} {'cpu vs faiss':>12} {'== faiss':>10} "
             f"{'== exact f64':>13}  memory")
     table = [head, "-" * (len(head) + 40)]
     for name, r in rows.items():
@@ -225,9 +230,10 @@ def main():
             ratio, cpu_ratio = "n/a", "n/a"
         else:
             ratio, cpu_ratio = f"{base['wall'] / r['wall']:.2f}x", f"{base['cpu'] / r['cpu']:.2f}x"
-        table.append(f"{name:48} {r['wall']:7.2f} {r['cpu']:7.2f} {ratio:>8} {cpu_ratio:>12} {same:>10} "
+        table.append(f"{name:56} {r['wall']:7.2f} {r['cpu']:7.2f} {ratio:>8} {cpu_ratio:>12} {same:>10} "
                      f"{r['exact']:>13}  {r['memory']}")
-    notes = [f"vs faiss: faiss time / method time (wall; cpu = CPU seconds of the process, fairer on shared cores). "
+    notes = [f"load average at the end {os.getloadavg()[0]:.2f}. "
+             f"vs faiss: faiss time / method time (wall; cpu = CPU seconds of the process, fairer on shared cores). "
              f"== exact f64: queries whose indices equal a float64 search of the rows that method searched, "
              f"{len(check_ram)} checked for in-RAM rows ({len(check)} sampled + every query where faiss differs); "
              f"file rows are quantised, so their reference is a float64 search of the file's own values. "

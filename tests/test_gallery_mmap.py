@@ -305,3 +305,68 @@ def test_candidate_overflow_on_a_file_falls_back_to_an_exact_streamed_search(tmp
         i = ff.kernels.proximity_topk(q, gf, 5, exclude=exclude)[1]
         assert calls, "the overflowed queries were not searched exactly"
         assert torch.equal(i, exact(q, file_values(gf), 5, exclude=exclude)[1])
+
+
+amx_int8 = pytest.mark.skipif(not P.int8_amx_available(64), reason="no oneDNN int8 linear in this torch build")
+
+
+@amx_int8
+@pytest.mark.parametrize("normalize", [True, False])
+def test_int8_file_amx_hit_test_keeps_every_pair_that_may_reach_the_threshold(files, normalize):
+    # the int8 tile (rows as stored, the threshold folded into the product's weight scales) must return every
+    # (query, row) whose exact float64 score reaches the block's current bound L, and nothing far below it
+    q, _, gfs = files
+    gf = gfs["int8"]
+    q64 = P._queries64(q, normalize)
+    vals = file_values(gf)
+    rows, scale = gf.read_rows(0, 4096)
+    tile = P._Int8AmxTile(rows, scale, normalize, 64)
+    ref = q64 @ (F.normalize(vals[:4096], dim=1) if normalize else vals[:4096]).T
+    for pct in (0.9, 0.99, 0.999):
+        block = P._QueryBlock(q64, torch.arange(len(q)), "int8", 10)
+        block.best_lo[:] = ref.quantile(pct, dim=1)[:, None]  # the bound L per query
+        got_q, got_j = tile.candidates(block, 64, 0, None)
+        got = set(zip(got_q.tolist(), got_j.tolist()))
+        want = set(zip(*(t.tolist() for t in (ref >= block.best_lo[:, -1:]).nonzero(as_tuple=True))))
+        assert want <= got, f"{len(want - got)} pairs at or above L were dropped (pct {pct})"
+        assert list(got_q) == sorted(got_q.tolist())  # grouped by query, as the scan merges them
+        # a superset, but a tight one: the int8 error bound is a few 1e-2 of |q| |g| at most
+        lo = (ref[got_q, got_j] - block.best_lo[got_q, -1]) / (q64.norm(dim=1)[got_q] * (1 if normalize else
+                                                                                        vals[:4096].norm(dim=1).max()))
+        assert float(lo.min()) > -0.05
+    # no bound yet (L = -inf): the tile asks for the dense pass instead
+    block = P._QueryBlock(q64, torch.arange(len(q)), "int8", 10)
+    assert tile.candidates(block, 64, 0, None) == (None, None)
+
+
+@amx_int8
+def test_int8_file_amx_pass_small_tiles_two_workers_and_exclude(files):
+    # tiles of 64 rows on two workers, k beyond a tile, excluded rows: index for index the float64 search
+    q, _, gfs = files
+    gf = gfs["int8"]
+    q64 = P._queries64(q, True)
+    exclude = torch.full((len(q),), -1)
+    exclude[0], exclude[3] = 3, 8999
+    for k, excl in ((100, None), (7, exclude)):
+        cq, cj, overflow = P.scan_blocked(q64, gf, k, True, excl, "int8", tile=64, workers=2)
+        s, i = P.rerank_exact(q64, gf, k, True, excl, cq, cj, overflow)
+        assert torch.equal(i, exact(q, file_values(gf), k, exclude=excl)[1])
+
+
+def test_candidate_format_is_measured_per_stored_row_type():
+    fmts = P.cpu_candidate_formats()
+    for rows in ("int8", "float16", "float32"):
+        assert P.cpu_candidate_format(rows) in fmts
+    assert all(P._candidate_seconds(f, q_rows=16, tile=256, D=64, reps=1, rows="int8") > 0 for f in fmts)
+
+
+def test_read_rows_into_a_reused_buffer(files):
+    _, _, gfs = files
+    for gf in gfs.values():
+        fresh, scale = gf.read_rows(4096, 8192)
+        out = torch.empty(4096, gf.shape[1], dtype=gf.row_dtype)
+        got, scale2 = gf.read_rows(4096, 8192, out=out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got, fresh)
+        assert (scale is None and scale2 is None) or torch.equal(scale, scale2)
+        with pytest.raises(ValueError, match="read_rows out"):
+            gf.read_rows(0, 10, out=torch.empty(10, gf.shape[1], dtype=torch.float64))
