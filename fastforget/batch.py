@@ -346,7 +346,7 @@ class BatchStatistics:
 
 KEYED_NOTE = ("text-encoder states c: target_residual = |c'(t) - c(anchor)| / |c(t) - c(anchor)| (0: the target "
               "draws its anchor); retain_movement / preserve_movement = |c'(x) - c(x)| / the mean |c(t) - c(anchor)| "
-              "(0: unchanged), for the new requests' retained people and 256 preservation identities; on <= "
+              "(0: unchanged), for the new requests' retained people and 64 preservation identities; on <= "
               "50 new requests evenly spaced; units = added MLP units (2 per identity-carrying position)")
 GRAM_CHUNK = 64  # requests per float64 product in the normal equations
 METRIC_SAMPLE = 50  # requests the report's state-space metrics are measured on
@@ -781,10 +781,13 @@ def _erase_keyed(base, stats: BatchStatistics, reqs: list[BatchRequest], pres, a
 
     check_text_encoder(base)
     kstats = key_statistics(base, pres.embeddings if pres is not None else None, stats.config)
-    anchors = [select_anchors(r.target_emb, pres.anchor_pool, tau=anchor_tau, seed=request_seed(stats.seed, r.id))[0]
-               for r in reqs]
     targets = torch.cat([r.target_emb for r in reqs])
-    rows, bias, cols = make_units(base, kstats, targets, torch.cat(anchors), stats.config)
+    sizes = [len(r.target_emb) for r in reqs]
+    # one scoring pass over the pool for the whole queue; each request still draws under its own seed
+    anchor_rows, _ = select_anchors(targets, pres.anchor_pool, tau=anchor_tau,
+                                    group_seeds=[(request_seed(stats.seed, r.id), k) for r, k in zip(reqs, sizes)])
+    anchors = list(anchor_rows.split(sizes))
+    rows, bias, cols = make_units(base, kstats, targets, anchor_rows, stats.config)
     per = len(rows) // len(targets)  # units per identity: 2 per identity-carrying position
     stamp, at = _now(), 0
     for r in reqs:
@@ -820,7 +823,7 @@ def _keyed_measured(base, erased, reqs, anchors, pres) -> dict:
     rets = [r.retain_emb for r in reqs[::step] if r.retain_emb is not None]
     out["retain_movement"] = moved(torch.cat(rets)) if rets else None
     if pres is not None:
-        out["preserve_movement"] = moved(pres.embeddings[_evenly_spaced(len(pres.embeddings), 256)].float())
+        out["preserve_movement"] = moved(pres.embeddings[_evenly_spaced(len(pres.embeddings), 64)].float())
     return out
 
 

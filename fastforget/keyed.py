@@ -81,6 +81,9 @@ def capture(model, emb: torch.Tensor | None, batch: int = BATCH, positions=None)
     layer norm), each (N, L, D) float64 (L: every position, or only `positions`). emb None: the empty
     prompt's (1, L, D)."""
     sel = slice(None) if positions is None else list(positions)
+    # causal attention: a state at position p depends on tokens <= p only, so the prompt is cut after the
+    # last position asked for (the testbed's units need 6 of 32 tokens)
+    length = model._prompt_ids.shape[1] if positions is None else max(positions) + 1
     layer = _layer(model)
     got = {}
     hooks = [layer.mlp.register_forward_pre_hook(lambda m, a: got.__setitem__("h", a[0])),
@@ -91,7 +94,7 @@ def capture(model, emb: torch.Tensor | None, batch: int = BATCH, positions=None)
             model.text_encoder(model._null_ids.to(model.device))
             return got["h"].double().cpu(), got["r"].double().cpu()
         for i in range(0, len(emb), batch):
-            model.condition(emb[i:i + batch])
+            model.condition(emb[i:i + batch], length=length)
             hs.append(got["h"][:, sel].double().cpu())
             rs.append(got["r"][:, sel].double().cpu())
     finally:
@@ -245,6 +248,9 @@ def widened(model, rows: torch.Tensor, bias: torch.Tensor, cols: torch.Tensor) -
 
 def check_text_encoder(model) -> None:
     tm = getattr(getattr(model, "text_encoder", None), "text_model", None)
+    if not hasattr(model, "_prompt_ids") or not hasattr(model, "_id_mask"):
+        raise InputError("structure 'keyed': the model does not condition through an identity token in a prompt "
+                         f"(Arc2Face family); this {type(model).__name__} does not")
     if tm is None or not hasattr(tm, "encoder") or not all(hasattr(layer, "mlp") and hasattr(layer.mlp, "fc1")
                                                            for layer in tm.encoder.layers):
         raise InputError("structure 'keyed': the model's text encoder is not a CLIP text transformer "

@@ -13,14 +13,17 @@ POOL_TILE = 65536  # pool rows scored at a time: a pool on disk (a gallery file)
 
 
 def select_anchors(targets: torch.Tensor, pool, *, tau: float = 0.2, delta: float = 0.01,
-                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   seed: int = 0, group_seeds=None) -> tuple[torch.Tensor, torch.Tensor]:
     """PIU's rule (`data.py::select_anchor_embedding`): among pool identities with
     |cos(pool, target) − tau| < delta pick one at random under the seed; if none, the one
     nearest to tau. A moderately similar person, not the nearest. Returns (anchors, pool indices).
 
     `pool`: (M, D) embeddings, or a gallery file (`ff.gallery.open(path)`, or its path) of any size,
     read POOL_TILE rows at a time; the same rows give the same anchors either way. Candidates are
-    taken in order of float64 cosine, highest first, ties to the lower index."""
+    taken in order of float64 cosine, highest first, ties to the lower index.
+
+    `group_seeds`: [(seed, rows), ...] covering the targets in order: each group draws from its own generator,
+    so one call over many requests equals one call per request with that request's seed."""
     from fastforget.identity.embeddings import check_embeddings
     from fastforget.identity.gallery import GalleryFile, is_gallery_file
     from fastforget.kernels.proximity import _source
@@ -61,9 +64,16 @@ def select_anchors(targets: torch.Tensor, pool, *, tau: float = 0.2, delta: floa
                 j = best[sim[i][best].argmax()]  # equal gaps: the higher score, then the lower index
                 cand = (float(g[j]), -float(sim[i][j]), int(idx[j]))
                 near[i] = cand if near[i] is None or cand < near[i] else near[i]
-    gen = torch.Generator().manual_seed(seed)
+    groups = [(seed, len(targets))] if group_seeds is None else [(int(a), int(b)) for a, b in group_seeds]
+    if sum(b for _, b in groups) != len(targets):
+        raise InputError(f"group_seeds: the groups cover {sum(b for _, b in groups)} rows, targets has {len(targets)}")
+    owner = [g for g, (_, b) in enumerate(groups) for _ in range(b)]
+    gens = {}
     chosen = []
     for i in range(len(targets)):
+        gen = gens.get(owner[i])
+        if gen is None:
+            gen = gens[owner[i]] = torch.Generator().manual_seed(groups[owner[i]][0])
         if band[i]:
             sc = torch.cat([b[0] for b in band[i]])
             j = torch.cat([b[1] for b in band[i]])

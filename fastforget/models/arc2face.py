@@ -102,17 +102,18 @@ class Arc2FaceModel(UNetPlacement):
         out = tm.encoder(inputs_embeds=h, causal_attention_mask=causal[None, None].expand(n, 1, length, length))
         return tm.final_layer_norm(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
 
-    def condition(self, embeddings, name: str = "embeddings") -> torch.Tensor:
+    def condition(self, embeddings, name: str = "embeddings", length: int | None = None) -> torch.Tensor:
         """ArcFace embeddings (N, 512) -> text-encoder states (N, 77, D), differentiable in the text encoder and,
-        for a tensor that requires grad, in the embedding itself (the white-box attacks optimise it)."""
+        for a tensor that requires grad, in the embedding itself (the white-box attacks optimise it).
+        `length`: only the first `length` prompt tokens (the same states there: the attention is causal)."""
         emb = check_embeddings(embeddings, name=name).to(self.device)
         if isinstance(embeddings, torch.Tensor) and embeddings.requires_grad:  # checked above; keep its graph
             emb = F.normalize(embeddings.reshape(emb.shape).float(), dim=1).to(self.device)
         n = emb.shape[0]
-        ids = self._prompt_ids.to(self.device).expand(n, -1)
+        ids = self._prompt_ids[:, :length].to(self.device).expand(n, -1)
         tok = self.text_encoder.text_model.embeddings.token_embedding(ids)
         padded = F.pad(emb, (0, self.text_width - emb.shape[1])).to(tok.dtype)
-        tok = torch.where(self._id_mask.to(self.device)[None, :, None], padded[:, None, :], tok)
+        tok = torch.where(self._id_mask[:length].to(self.device)[None, :, None], padded[:, None, :], tok)
         return self._encode_token_embeddings(tok)
 
     def null_condition(self, n: int = 1) -> torch.Tensor:
