@@ -20,7 +20,8 @@ from fastforget.patch import Patch  # noqa: E402
 from fastforget.api import ErasureResult, Report, erase, verify  # noqa: E402
 
 _LAZY = {"kernels": "fastforget.kernels", "svm": "fastforget.svm", "metrics": "fastforget.metrics",
-         "export": "fastforget.export", "gallery": "fastforget.identity.gallery"}
+         "export": "fastforget.export", "gallery": "fastforget.identity.gallery",
+         "distributed": "fastforget.distributed"}
 
 
 # public functions whose modules are heavy: imported on first use
@@ -37,4 +38,4 @@ def __getattr__(name):  # heavy or optional subpackages load on first use
 
 
 __all__ = ["load", "load_encoder", "erase", "verify", "attack", "AttackReport", "erase_batch", "withdraw", "Patch", "ErasureResult", "Report", "IdentityEncoder", "errors", "testbed", "kernels", "svm", "metrics", "export", "gallery",
-           "__version__"]
+           "distributed", "__version__"]
