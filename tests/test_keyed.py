@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import fastforget as ff
 from fastforget.errors import InputError
+from test_arcface_onnx import onnx_encoder  # noqa: F401  (fixture: tiny random-weight ArcFace ONNX)
 
 TARGETS = list(range(7300, 7312))
 UNNAMED = list(range(7400, 7420))
@@ -162,3 +163,43 @@ def test_deeper_text_encoder_every_layer_widened_and_reloads(tmp_path):
     te = CLIPTextModel.from_pretrained(tmp_path / "out" / "model" / "text_encoder")
     assert te.config.intermediate_size == width
     assert model.text_encoder.config.intermediate_size == 64  # the input model is untouched
+
+
+def test_users_model_onnx_encoder_and_photo_queue_from_the_cli(onnx_encoder, tmp_path, monkeypatch):
+    """A copy of the testbed folder (a user's model), a random-weight ArcFace ONNX encoder, a queue of photo
+    paths, the default preservation set drawn by the model: `fastforget batch --structure keyed` end to end."""
+    import shutil
+
+    from PIL import Image
+
+    from fastforget.cli import main
+    from fastforget.identity import preservation
+    from fastforget.testbed import weights_dir
+
+    monkeypatch.setenv("FASTFORGET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(preservation, "DEFAULT_RECIPE", {**preservation.DEFAULT_RECIPE,
+                                                         "drawn": 16, "draw_steps": 2, "samples": 256})
+    shutil.copytree(weights_dir() / "generator", tmp_path / "mine")
+    before = sorted((p.name, p.stat().st_size) for p in (tmp_path / "mine").rglob("*"))
+    lines = []
+    for k, person in enumerate([7500, 7501]):
+        ims, _ = ff.testbed.render([person], 2, seed=0)
+        names = []
+        for i, im in enumerate(ims):
+            Image.fromarray(im).resize((112, 112)).save(tmp_path / f"p{k}-{i}.png")  # an aligned crop
+            names.append(f"p{k}-{i}.png")
+        lines.append(json.dumps({"id": f"person-{k}", "targets": names}))
+    (tmp_path / "q.jsonl").write_text("\n".join(lines) + "\n")
+    enc = str(onnx_encoder[1] / "arcface.onnx")
+    rc = main(["batch", str(tmp_path / "q.jsonl"), "--model", str(tmp_path / "mine"), "--out", str(tmp_path / "out"),
+               "--structure", "keyed", "--encoder", enc])
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    m = report["metrics"]
+    assert m["units"] == 2 * 2 * len(m["positions"]) and m["preserve_movement"] == 0.0
+    assert m["target_residual"] < 0.3
+    ledger = (tmp_path / "out" / "ledger.json").read_text()
+    assert "p0-0.png" not in ledger and "person-0" in ledger  # ids and fingerprints, never file names
+    assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "mine").rglob("*")) == before  # input untouched
+    model = ff.load(str(tmp_path / "out" / "model"))
+    assert not model.is_testbed and model.text_encoder.config.intermediate_size == 1024 + m["units"]
