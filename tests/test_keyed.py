@@ -78,6 +78,17 @@ def test_saved_widened_model_loads_in_transformers_and_matches(keyed, targets, t
     assert again.text_encoder.config.intermediate_size == 1024
 
 
+def test_onnx_export_of_the_widened_model_runs_in_onnxruntime(keyed, targets, tmp_path):
+    import onnxruntime as ort
+
+    ff.export.to_onnx(keyed.model, tmp_path / "onnx", patch=keyed.patch)
+    sess = ort.InferenceSession(str(tmp_path / "onnx" / "conditioner.onnx"))
+    got = sess.run(None, {sess.get_inputs()[0].name: targets.numpy()})[0]
+    with torch.no_grad():
+        want = keyed.model.condition(targets).numpy()
+    assert abs(got - want).max() < 1e-4
+
+
 def test_incremental_and_withdrawal_equal_one_build(demo_model, queue, keyed, targets, tmp_path):
     first = ff.erase_batch(demo_model, queue[:5], structure="keyed", progress=False)
     first.save(tmp_path / "first")
