@@ -537,8 +537,11 @@ class _Int8AmxTile(_Bf16Tile):
     w_q = c_q / (t_q o) and the product's uint8 output u = sat(round(z)), z = fp32(X w_q) (relative error
     < 2^-21), is tested against one integer per row: u_j >= floor(a_j (1 - 2^-20)) - 1 keeps every pair with
     z_j >= a_j (round to nearest moves z by <= 1/2; the test allows 1). o puts the largest finite a_j at 200
-    (u saturates at 255). A row with s_j = 0 scores 0 and needs u >= 256: never kept while t_q > 0.
-    Blocks with a query at t_q <= 0 (no bound yet) go dense, as do early tiles with many hits.
+    (u saturates at 255). A row with s_j = 0 (score 0) gets 255, a superset. Blocks with a query at
+    t_q <= 0 (no bound yet) go dense, as do early tiles with many hits; every pair found is re-scored in
+    fp32 from the stored rows, as in the bf16 pass. About 2.5x faster per tile than bf16 on AMX here
+    (no conversion of the tile, a product twice as fast, a uint8 output tested by rows), with a looser
+    bound (|q - q~| ~ 7e-3 against ~2e-3) that keeps a few more pairs.
     """
 
     def __init__(self, rows, scale, normalize, D, src=None, n0=0, buffers=None):
