@@ -277,6 +277,10 @@ def refit_weights(onnx_dir, patch, current=None) -> dict:
                 exported = exported or _Initializers(onnx_dir / info["file"])
                 weights[e["onnx"]] = exported.get(e["onnx"])
                 continue
+            if int(np.prod(e["shape"])) != value.numel():
+                raise InputError(f"patch tensor {k!r} has shape {list(value.shape)}, the engine's initializer "
+                                 f"{e['onnx']!r} {list(e['shape'])} (a keyed queue adds MLP units): a refit cannot "
+                                 "change shapes; export this model again and build new engines")
             arr = _transform(_as_np(value, e["dtype"]), e)
             for other in users[e["onnx"]]:
                 if other == k:

@@ -21,7 +21,9 @@ statistics.safetensors is derived from the targets' embeddings: keep it under th
 the requests themselves, and delete it when the requests are final (the ledger never holds it).
 
 `structure="mlp"` solves the same least squares on the last text-encoder MLP's output projection, keyed by
-its hidden activations (incremental and withdrawable alike); benchmarks/batch_capacity.py measures both.
+its hidden activations (incremental and withdrawable alike). `structure="keyed"` (fastforget.keyed) adds units
+to that MLP instead, two per identity-carrying token position per identity, each firing on one person: the
+only structure that holds thousands of identities (benchmarks/batch_capacity.py measures all three).
 
 Requests are checked (typed errors naming the line and the field) before the model is loaded.
 """
@@ -892,7 +894,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preserve", default="auto", help="'auto' (default set) or a .npy gallery")
     p.add_argument("--structure", choices=STRUCTURES, default=None,
-                   help="kv (default): closed_form's map on attn2 to_k/to_v; mlp: keyed on the last text-encoder MLP")
+                   help="kv (default): closed_form's map on attn2 to_k/to_v; mlp: the same least squares on the last "
+                        "text-encoder MLP; keyed: added MLP units per identity (holds thousands; README capacity)")
     p.add_argument("--withdraw", nargs="+", default=None, metavar="ID",
                    help="instead of adding: withdraw these request ids from the batch folder given as --model")
     p.add_argument("--verify", type=int, default=0, metavar="K",

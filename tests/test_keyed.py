@@ -89,6 +89,15 @@ def test_onnx_export_of_the_widened_model_runs_in_onnxruntime(keyed, targets, tm
     assert abs(got - want).max() < 1e-4
 
 
+def test_tensorrt_refit_refuses_a_shape_change(demo_model, keyed, tmp_path):
+    """Engines cannot be refitted with wider tensors: the refit plan says so (typed) instead of failing in TensorRT."""
+    from fastforget.export.trt import refit_weights
+
+    plain = ff.export.to_onnx(demo_model, tmp_path / "plain", verify=False)
+    with pytest.raises(InputError, match="cannot change shapes"):
+        refit_weights(plain, keyed.patch)
+
+
 def test_incremental_and_withdrawal_equal_one_build(demo_model, queue, keyed, targets, tmp_path):
     first = ff.erase_batch(demo_model, queue[:5], structure="keyed", progress=False)
     first.save(tmp_path / "first")
