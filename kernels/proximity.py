@@ -6,8 +6,11 @@ product per pair), ties broken by lower index. Both backends run the same two st
 1. a candidate pass over gallery tiles in a fast number format (Triton fp32 on GPU; on CPU int8,
    bf16 or fp32, whichever the CPU multiplies fastest, int8 / bf16 hits re-scored in fp32 while
    the tile is in cache) that keeps, per query, every row whose score *could* reach the exact
-   top-k given a proven bound on that format's error. bf16 (AMX) multiplies the rows as stored
-   (float32, float16 or int8 from a gallery file) and scales by 1 / |row| only where it looks;
+   top-k given a proven bound on that format's error, chosen by measurement per stored row type.
+   bf16 (AMX) multiplies the rows as stored (float32, float16 or int8 from a gallery file) and
+   scales by 1 / |row| only where it looks; int8 rows of a gallery file are multiplied as stored,
+   int8 x int8 on AMX-INT8 / VNNI through oneDNN, the threshold folded into the product
+   (`_Int8AmxTile`);
 2. an exact float64 re-rank of those candidates. A query whose candidates overflow the buffer is
    searched exactly instead.
 
