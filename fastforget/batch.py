@@ -896,6 +896,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--structure", choices=STRUCTURES, default=None,
                    help="kv (default): closed_form's map on attn2 to_k/to_v; mlp: the same least squares on the last "
                         "text-encoder MLP; keyed: added MLP units per identity (holds thousands; README capacity)")
+    from fastforget.cli import add_option_argument
+
+    add_option_argument(p)  # the structure's options: closed_form's (kv, mlp) or keyed's (tau_lo, ...)
     p.add_argument("--withdraw", nargs="+", default=None, metavar="ID",
                    help="instead of adding: withdraw these request ids from the batch folder given as --model")
     p.add_argument("--verify", type=int, default=0, metavar="K",
@@ -924,7 +927,7 @@ def cmd_batch(args) -> int:
         many = len(args.model) > 1
         jobs = [BatchJob(m, str(args.requests), str(out / f"{i}-{Path(str(m)).name}") if many else str(out),
                          encoder=args.encoder, seed=args.seed, preserve=args.preserve, structure=args.structure,
-                         overwrite=args.overwrite,
+                         overwrite=args.overwrite, options=args.option,
                          progress=not args.quiet) for i, m in enumerate(args.model)]
     if args.verify < 0 or args.verify_n < 1:
         raise InputError("--verify / --verify-n: expected K >= 0 requests and N >= 1 generations")

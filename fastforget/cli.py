@@ -9,6 +9,7 @@ Set FASTFORGET_DEBUG=1 to get the traceback of an unexpected OSError as well.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -326,7 +327,7 @@ def cmd_erase(args) -> int:
     gan = _is_gan(model)
     if args.method is None:
         args.method = "guide" if gan else "closed_form"
-    options = {}
+    options = dict(args.option or {})
     if args.steps is not None:
         options["steps"] = args.steps
     preserve = args.preserve
@@ -500,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="closed_form (default), piu, uce, esd_x, bia; portrait generators: closed_form, ireu, "
                         "encoder_finetune; StyleGAN2 checkpoints: guide (default), guide_average")
     e.add_argument("--steps", type=_int(1), help="training steps for fine-tuning methods (guide: unlearning steps)")
+    add_option_argument(e)
     e.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--verify-n", type=_int(1), default=4, help="generations per identity in the report")
@@ -523,6 +525,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_attack_parser(sub)
     return ap
+
+
+def parse_option(text: str):
+    """--option KEY=VALUE -> (key, value); VALUE is read as JSON when it parses (2, 0.5, true, [0.7, 0.9],
+    null), else kept as a string."""
+    import argparse
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. adversarial_rounds=2), got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+class _Options(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        opts = dict(getattr(namespace, self.dest, None) or {})
+        key, value = values
+        if key in opts:
+            parser.error(f"{option_string}: {key!r} given twice")
+        opts[key] = value
+        setattr(namespace, self.dest, opts)
+
+
+def add_option_argument(p) -> None:
+    """`--option KEY=VALUE`, repeatable: any option of the method (README's option tables), checked by it."""
+    p.add_argument("--option", action=_Options, type=parse_option, default=None, metavar="KEY=VALUE",
+                   help="a method option, repeatable (e.g. --option adversarial_rounds=2 --option "
+                        "neighbour_cos=[0.7,0.9]); checked by the method before any work")
 
 
 def main(argv=None) -> int:

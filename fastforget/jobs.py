@@ -32,12 +32,13 @@ class BatchJob:
     structure: str | None = None
     overwrite: bool = False
     progress: bool = False
+    options: dict | None = None   # the structure's options (closed_form's, or keyed's)
 
     def run(self) -> dict:
         from fastforget.batch import erase_batch
 
         res = erase_batch(self.model, self.requests, encoder=self.encoder, seed=self.seed, preserve=self.preserve,
-                          structure=self.structure, progress=self.progress)
+                          structure=self.structure, progress=self.progress, **(self.options or {}))
         self.write(res)
         return _summary(self, res)
 

@@ -43,10 +43,24 @@ def test_erase_writes_model_patch_report_and_refuses_overwrite(tmp_path):
     assert again.returncode == 2 and "exists" in again.stderr
 
 
+def test_method_options_from_the_command_line(tmp_path):
+    """--option KEY=VALUE reaches the method (JSON values: numbers, lists) and lands in the patch metadata."""
+    import fastforget as ff
+
+    out = tmp_path / "erased"
+    _run("erase", "demo", "--target", "3", "--method", "closed_form", "--out", str(out), "--verify-n", "1",
+         "--option", "neighbours=0", "--option", "neighbour_cos=[0.7,0.9]")
+    cfg = ff.Patch.load(out / "patch.safetensors").metadata["config"]
+    assert cfg["neighbours"] == 0 and cfg["neighbour_cos"] == [0.7, 0.9]
+
+
 @pytest.mark.parametrize("args,match", [
     (["erase", "demo", "--target", "3", "--retain", "3", "--out", "x"], "also in retain"),
     (["erase", "demo", "--target", "3", "--method", "nope", "--out", "x"], "unknown method"),
     (["erase", "/nonexistent/model", "--target", "3", "--out", "x"], "not found"),
+    (["erase", "demo", "--target", "3", "--out", "x", "--option", "neighbours"], "expected KEY=VALUE"),
+    (["erase", "demo", "--target", "3", "--out", "x", "--option", "nonsense=2"], "unknown option(s) 'nonsense'"),
+    (["erase", "demo", "--target", "3", "--out", "x", "--option", "neighbours=-1"], "neighbours"),
 ])
 def test_bad_requests_exit_2_with_a_named_error(tmp_path, args, match):
     p = _run(*args, check=False)

@@ -212,13 +212,14 @@ def test_users_model_onnx_encoder_and_photo_queue_from_the_cli(onnx_encoder, tmp
     (tmp_path / "q.jsonl").write_text("\n".join(lines) + "\n")
     enc = str(onnx_encoder[1] / "arcface.onnx")
     rc = main(["batch", str(tmp_path / "q.jsonl"), "--model", str(tmp_path / "mine"), "--out", str(tmp_path / "out"),
-               "--structure", "keyed", "--encoder", enc])
+               "--structure", "keyed", "--encoder", enc, "--option", "tau_hi=0.92"])
     assert rc == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     m = report["metrics"]
     assert m["units"] == 2 * 2 * len(m["positions"]) and m["preserve_movement"] == 0.0
     assert m["target_residual"] < 0.5  # random-weight encoder: its "people" are random vectors (testbed: < 0.2)
     ledger = (tmp_path / "out" / "ledger.json").read_text()
+    assert json.loads(ledger)["config"]["tau_hi"] == 0.92  # --option reached the structure
     assert "p0-0.png" not in ledger and "person-0" in ledger  # ids and fingerprints, never file names
     assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "mine").rglob("*")) == before  # input untouched
     model = ff.load(str(tmp_path / "out" / "model"))
