@@ -691,6 +691,10 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
     if not hasattr(base, "condition") or not hasattr(base, "attn2_modules"):
         raise InputError(f"model: erase_batch solves the closed form on attn2 of an Arc2Face-family model; this "
                          f"{getattr(base, 'family', type(base).__name__)} model has no identity conditioning")
+    if structure == "keyed":  # before any encoding or preservation-set work
+        from fastforget.keyed import check_text_encoder
+
+        check_text_encoder(base)
     enc = resolve_encoder(encoder, base, "erase_batch") if encoder is not None or getattr(base, "is_testbed", False) \
         else None
     from tqdm import tqdm
@@ -778,10 +782,9 @@ def erase_batch(model, requests, *, encoder=None, seed: int = 0, preserve="auto"
 def _erase_keyed(base, stats: BatchStatistics, reqs: list[BatchRequest], pres, anchor_tau: float, t0: float):
     """structure "keyed": each new request's units (fastforget.keyed), appended to the batch's; one patch."""
     from fastforget.identity.anchors import select_anchors
-    from fastforget.keyed import check_text_encoder, key_statistics, make_units
+    from fastforget.keyed import key_statistics, make_units
     from fastforget.patch import fingerprint_embeddings
 
-    check_text_encoder(base)
     kstats = key_statistics(base, pres.embeddings if pres is not None else None, stats.config)
     targets = torch.cat([r.target_emb for r in reqs])
     sizes = [len(r.target_emb) for r in reqs]

@@ -47,7 +47,8 @@ KEYED_CONFIG = MethodConfig("keyed", {
                      "nobody named: 0.3% reach tau_lo 0.85) but other photos of a target then respond less "
                      "(18% fully on)", lo=0.0, strict=True),
     "other_positions": Option(10.0, "float", "weight of the other positions' variance in a key's noise model: "
-                              "1 -> 10 took the largest response of a key off its position from 0.92 to 0.67",
+                              "1 -> 10 took the largest response of a key off its position from 0.92 to 0.67 "
+                              "(1,000 testbed targets, shrink 0.01)",
                               lo=0.0),
     "position_coverage": Option(0.95, "float", "units go to the fewest token positions holding this share of the "
                                 "identity variance of the last layer's output (testbed: 2 positions hold 0.972)",
@@ -111,8 +112,9 @@ def _evenly(n: int, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def key_statistics(model, pres_emb: torch.Tensor, cfg: dict) -> dict:
-    """Positions, per-position mean / inverse covariance of the MLP input, and the position detectors, from
-    up to STAT_IDS preservation identities (evenly spaced) and the empty prompt. Deterministic."""
+    """Identity-carrying positions, and per position the mean and inverse noise covariance of the MLP input and
+    the constraint directions (other positions' means, the empty prompt), from up to STAT_IDS preservation
+    identities (evenly spaced) and the empty prompt. Cached in memory and on disk. Deterministic."""
     if pres_emb is None or len(pres_emb) < 64:
         raise InputError("structure 'keyed' needs a preservation set of at least 64 identities (preserve=...): "
                          "its keys are whitened against the people the model draws")
@@ -120,9 +122,10 @@ def key_statistics(model, pres_emb: torch.Tensor, cfg: dict) -> dict:
     from fastforget.models.registry import module_fingerprint
 
     emb = pres_emb[_evenly(len(pres_emb), STAT_IDS)].float()
+    recipe = "keyed" + "/".join(str(cfg[k]) for k in ("shrink", "position_coverage", "other_positions",
+                                                         "max_positions"))
     key = hashlib.sha256((module_fingerprint(model.text_encoder) + str(tuple(model._prompt_ids[0].tolist()))
-                          + f"keyed{cfg['shrink']}/{cfg['position_coverage']}/{cfg['other_positions']}/{cfg['max_positions']}").encode()
-                         + emb.numpy().tobytes()).hexdigest()
+                          + recipe).encode() + emb.numpy().tobytes()).hexdigest()
     if key in _STATS:
         return _STATS[key]
     cached = {f: load_cached_tensor("keyed-stats-" + f, key) for f in ("positions", "mu", "sinv", "constraints")}
