@@ -23,7 +23,7 @@ change that turns the target's residual stream into its anchor's:
   held at 0 on its own target at the other positions of P (those have their own units).
 
 Units of different requests do not interact, so an incremental add appends units and a withdrawal removes a
-request's units: both equal one build over the resulting set exactly. The edited tensors are the last
+request's units: both equal one build over the resulting set (up to float rounding). The edited tensors are the last
 layer's fc1 weight / bias and fc2 weight, widened by 2·|P| units per identity; every other layer of a deeper
 text encoder is widened with zero units (act(0) = 0: its output is unchanged) so that the saved
 text_encoder/config.json has one intermediate_size and loads in transformers' own CLIPTextModel.
@@ -112,8 +112,9 @@ def _evenly(n: int, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def key_statistics(model, pres_emb: torch.Tensor, cfg: dict) -> dict:
-    """Identity-carrying positions, and per position the mean and inverse noise covariance of the MLP input and
-    the constraint directions (other positions' means, the empty prompt), from up to STAT_IDS preservation
+    """Identity-carrying positions, and per position the mean of the MLP input and Q, its inverse noise
+    covariance restricted to keys orthogonal to the constraints (other positions' means, the empty prompt's
+    states), from up to STAT_IDS preservation
     identities (evenly spaced) and the empty prompt. Cached in memory and on disk. Deterministic."""
     if pres_emb is None or len(pres_emb) < 64:
         raise InputError("structure 'keyed' needs a preservation set of at least 64 identities (preserve=...): "
@@ -122,20 +123,20 @@ def key_statistics(model, pres_emb: torch.Tensor, cfg: dict) -> dict:
     from fastforget.models.registry import module_fingerprint
 
     emb = pres_emb[_evenly(len(pres_emb), STAT_IDS)].float()
-    recipe = "keyed" + "/".join(str(cfg[k]) for k in ("shrink", "position_coverage", "other_positions",
+    recipe = "keyed2" + "/".join(str(cfg[k]) for k in ("shrink", "position_coverage", "other_positions",
                                                          "max_positions"))
     key = hashlib.sha256((module_fingerprint(model.text_encoder) + str(tuple(model._prompt_ids[0].tolist()))
                           + recipe).encode() + emb.numpy().tobytes()).hexdigest()
     if key in _STATS:
         return _STATS[key]
-    cached = {f: load_cached_tensor("keyed-stats-" + f, key) for f in ("positions", "mu", "sinv", "constraints")}
+    cached = {f: load_cached_tensor("keyed-stats-" + f, key) for f in ("positions", "mu", "q")}
     if all(v is not None for v in cached.values()):
         stats = {"positions": [int(p) for p in cached["positions"].tolist()],
-                 **{f: list(cached[f].unbind(0)) for f in ("mu", "sinv", "constraints")}}
+                 **{f: list(cached[f].unbind(0)) for f in ("mu", "q")}}
     else:
         stats = _key_statistics(model, emb, cfg)
         save_cached_tensor("keyed-stats-positions", key, torch.tensor(stats["positions"]))
-        for f in ("mu", "sinv", "constraints"):
+        for f in ("mu", "q"):
             save_cached_tensor("keyed-stats-" + f, key, torch.stack(stats[f]))
     _STATS.clear()
     _STATS[key] = stats
@@ -157,7 +158,7 @@ def _key_statistics(model, emb: torch.Tensor, cfg: dict) -> dict:
             f"keyed units need it concentrated in at most option 'max_positions' = {cfg['max_positions']} "
             "(each key is one position's): use structure 'kv' or 'mlp' for this model")
     pos = sorted(int(p) for p in order[:keep])
-    stats = {"positions": pos, "mu": [], "sinv": [], "constraints": []}
+    stats = {"positions": pos, "mu": [], "q": []}
     hn, _ = capture(model, None)
     mus = h.mean(0)                                           # (L, D)
     cov_all = torch.einsum("nld,nle->de", h - mus, h - mus) / (n * length)
@@ -168,11 +169,13 @@ def _key_statistics(model, emb: torch.Tensor, cfg: dict) -> dict:
         sinv = torch.linalg.inv(cov)
         # directions every key is held orthogonal to: where the other positions' and the empty prompt's
         # states sit relative to this position's mean (a key must not fire on a position, only on a person)
-        a = torch.cat([torch.cat([mus[:p], mus[p + 1:]]), hn[0]]) - mus[p]
-        sa = sinv @ a.T                                        # Σ⁻¹ A  (D, K)
+        a = torch.cat([torch.cat([mus[:p], mus[p + 1:]]), hn[0]]) - mus[p]      # (K, D)
+        sa = sinv @ a.T                                                          # Σ⁻¹Aᵀ (D, K)
+        m = a @ sa
+        m += 1e-9 * m.diagonal().mean() * torch.eye(len(m), dtype=torch.float64)
+        # Q = Σ⁻¹ - Σ⁻¹Aᵀ (AΣ⁻¹Aᵀ)⁻¹ AΣ⁻¹: Q a = 0 for every constraint a; a key is then Q c / (c Q c)
         stats["mu"].append(mus[p])
-        stats["sinv"].append(sinv)
-        stats["constraints"].append(torch.cat([a.T, sa], 1))  # (D, 2K): A and Σ⁻¹ A
+        stats["q"].append(sinv - sa @ torch.linalg.solve(m, sa.T))
     return stats
 
 
@@ -188,24 +191,19 @@ def make_units(model, stats: dict, targets: torch.Tensor, anchors: torch.Tensor,
     s = (m + 2 * c) / (hi - lo)
     rows, bias, cols = [], [], []
     k = len(targets)
+    eye = torch.eye(len(pos), dtype=torch.float64)
     for j, p in enumerate(pos):
-        mu, sinv = stats["mu"][j], stats["sinv"][j]
-        a, sa = stats["constraints"][j].chunk(2, dim=1)      # A (D, K), Σ⁻¹A
-        # C = [the target at every identity-carrying position, A]; w·C = e_j: 1 on the target at p, 0 on the
-        # same target at its other positions (its other units act there) and on A
+        mu, q = stats["mu"][j], stats["q"][j]
+        # w·C = e_j with C = [the target at every identity-carrying position, the constraints]: with the
+        # constraints eliminated (Q), w = Q Xᵀ (X Q Xᵀ)⁻¹ e_j, X = the target's MLP inputs at P minus μ_p.
+        # 1 on the target at p, 0 on it at its other positions (their own units act there) and on A
         x = ht - mu                                          # (k, |P|, D)
-        sx = x @ sinv                                        # (k, |P|, D) = (Σ⁻¹ x)ᵀ
-        n_p, kk = len(pos), a.shape[1]
-        gram = torch.zeros(k, n_p + kk, n_p + kk, dtype=torch.float64)
-        gram[:, :n_p, :n_p] = sx @ x.transpose(1, 2)
-        gram[:, :n_p, n_p:] = sx @ a
-        gram[:, n_p:, :n_p] = gram[:, :n_p, n_p:].transpose(1, 2)
-        gram[:, n_p:, n_p:] = a.T @ sa
-        gram += 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(n_p + kk, dtype=torch.float64)
-        e = torch.zeros(k, n_p + kk, 1, dtype=torch.float64)
-        e[:, j] = 1.0
-        lam = torch.linalg.solve(gram, e)[..., 0]            # (k, |P|+K)
-        w = (lam[:, :n_p, None] * sx).sum(1) + lam[:, n_p:] @ sa.T   # (k, D)
+        qx = x @ q                                           # (k, |P|, D) (Q symmetric)
+        g = qx @ x.transpose(1, 2)                           # (k, |P|, |P|)
+        g = g + 1e-9 * g.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye
+        # one small solve per target: torch's batched CPU solve nests MKL's threads inside its own and stalls
+        lam = torch.stack([torch.linalg.solve(gi, eye[j]) for gi in g])     # (k, |P|)
+        w = (lam[:, :, None] * qx).sum(1)                   # (k, D)
         b = -(w @ mu)                                        # r_i(h) = w·h + b
         row = s * w
         bz = s * (b - lo) - c

@@ -45,13 +45,15 @@ def test_targets_draw_their_anchors_and_nobody_else_moves(demo_model, encoder, k
     with torch.no_grad():
         un = _emb(encoder, UNNAMED)
         c0, ce = demo_model.condition(un), keyed.model.condition(un)
-        assert torch.equal(c0, ce)  # people nobody named: not a single bit moved
-        assert torch.equal(demo_model.null_condition(1), keyed.model.null_condition(1))  # the CFG branch
+        # people nobody named and the CFG branch: unchanged up to float rounding (the wider fc1 / fc2 products
+        # may round differently at another thread count; a firing unit moves a state by ~1)
+        assert (c0 - ce).abs().max() < 1e-5
+        assert (demo_model.null_condition(1) - keyed.model.null_condition(1)).abs().max() < 1e-5
         t0, te, ca = demo_model.condition(targets), keyed.model.condition(targets), demo_model.condition(keyed.anchors)
     residual = (te - ca).flatten(1).norm(dim=1) / (t0 - ca).flatten(1).norm(dim=1)
     assert residual.max() < 0.2, residual
     m = keyed.report.metrics
-    assert m["preserve_movement"] == 0.0 and m["target_residual"] < 0.2
+    assert m["preserve_movement"] < 1e-5 and m["target_residual"] < 0.2
     assert m["units"] == 2 * len(m["positions"]) * len(targets)
     # generations from an erased embedding are its anchor's person, not the target
     g = keyed.model.generate_tensor(targets[:3], seed=1, steps=10)
@@ -98,17 +100,28 @@ def test_tensorrt_refit_refuses_a_shape_change(demo_model, keyed, tmp_path):
         refit_weights(plain, keyed.patch)
 
 
+def _close(a, b, rel=1e-5):
+    """The same tensors within float rounding, relative to each tensor's largest value (byte-identical at one
+    thread; the text-encoder products of a different queue split can round differently at two)."""
+    assert a.names == b.names
+    for k in b.names:
+        assert a.new[k].shape == b.new[k].shape, k
+        scale = b.new[k].abs().max()
+        assert (a.new[k] - b.new[k]).abs().max() <= rel * scale, (k, float((a.new[k] - b.new[k]).abs().max() / scale))
+
+
 def test_incremental_and_withdrawal_equal_one_build(demo_model, queue, keyed, targets, tmp_path):
     first = ff.erase_batch(demo_model, queue[:5], structure="keyed", progress=False)
     first.save(tmp_path / "first")
     more = ff.erase_batch(tmp_path / "first", queue[5:], progress=False)
     assert more.patch.names == keyed.patch.names
-    assert all(torch.equal(more.patch.new[k], keyed.patch.new[k]) for k in keyed.patch.names)
+    _close(more.patch, keyed.patch)
     back = ff.withdraw(keyed, ["req-3"])
     fresh = ff.erase_batch(demo_model, queue[:3] + queue[4:], structure="keyed", progress=False)
-    assert all(torch.equal(back.patch.new[k], fresh.patch.new[k]) for k in fresh.patch.names)
+    _close(back.patch, fresh.patch)
     with torch.no_grad():
-        assert torch.equal(back.model.condition(targets[3:4]), demo_model.condition(targets[3:4]))  # restored
+        restored = back.model.condition(targets[3:4]) - demo_model.condition(targets[3:4])
+        assert restored.abs().max() < 1e-5  # the withdrawn person: the unedited states again
         assert not torch.allclose(back.model.condition(targets[4:5]), demo_model.condition(targets[4:5]))
     assert back.ledger["requests"][3]["status"] == "withdrawn"
 
@@ -216,7 +229,7 @@ def test_users_model_onnx_encoder_and_photo_queue_from_the_cli(onnx_encoder, tmp
     assert rc == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     m = report["metrics"]
-    assert m["units"] == 2 * 2 * len(m["positions"]) and m["preserve_movement"] == 0.0
+    assert m["units"] == 2 * 2 * len(m["positions"]) and m["preserve_movement"] < 1e-5
     assert m["target_residual"] < 0.5  # random-weight encoder: its "people" are random vectors (testbed: < 0.2)
     ledger = (tmp_path / "out" / "ledger.json").read_text()
     assert json.loads(ledger)["config"]["tau_hi"] == 0.92  # --option reached the structure
