@@ -142,30 +142,22 @@ def test_bad_keyed_options_are_refused_before_work(demo_model, queue):
 
 
 def _two_layer_model():
-    """A random-weight Arc2Face-family model whose CLIP text encoder has 2 layers (Arc2Face's has 12)."""
+    """A random-weight Arc2Face-family model (test_models' tiny parts) whose CLIP text encoder has 2 layers
+    (Arc2Face's has 12)."""
     import tempfile
     from pathlib import Path
 
-    from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     from fastforget.models.arc2face import Arc2FaceModel
-    from fastforget.testbed.nets import _tokenizer_vocab, write_tokenizer
+    from fastforget.testbed.nets import write_tokenizer
+    from test_models import _tiny_parts
 
-    torch.manual_seed(0)
-    vocab = _tokenizer_vocab()[0]
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=512, attention_head_dim=8, norm_num_groups=8)
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=512, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"]))
+    unet, text, vae, sched = _tiny_parts(text_layers=2)
     with tempfile.TemporaryDirectory() as d:
         write_tokenizer(Path(d) / "tok", max_length=77)
         tok = CLIPTokenizer.from_pretrained(Path(d) / "tok")
-    return Arc2FaceModel(unet, text, tok, DPMSolverMultistepScheduler(num_train_timesteps=1000), None)
+    return Arc2FaceModel(unet, text, tok, sched, vae)
 
 
 def test_deeper_text_encoder_every_layer_widened_and_reloads(tmp_path):

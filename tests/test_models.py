@@ -14,7 +14,7 @@ from fastforget.testbed.nets import _tokenizer_vocab, write_tokenizer
 WIDTH = 576  # wider than 512, so the zero-padding path of Arc2Face's projection is exercised
 
 
-def _tiny_parts():
+def _tiny_parts(text_layers: int = 1):
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -25,7 +25,8 @@ def _tiny_parts():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=WIDTH, attention_head_dim=8, norm_num_groups=8)
     text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        vocab_size=len(vocab), hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=text_layers,
+        num_attention_heads=4,
         max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"]))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
