@@ -828,14 +828,10 @@ def _keyed_measured(base, erased, reqs, anchors, pres) -> dict:
     rets = [r.retain_emb for r in reqs[::step] if r.retain_emb is not None]
     out["retain_movement"] = moved(torch.cat(rets)) if rets else None
     if pres is not None:
-        out["preserve_movement"] = moved(pres.embeddings[_evenly_spaced(len(pres.embeddings), 64)].float())
+        from fastforget.keyed import evenly_spaced
+
+        out["preserve_movement"] = moved(pres.embeddings[evenly_spaced(len(pres.embeddings), 64)].float())
     return out
-
-
-def _evenly_spaced(n: int, k: int) -> torch.Tensor:
-    from fastforget.keyed import _evenly
-
-    return _evenly(n, k)
 
 
 def _check_old_retains(reqs, old: BatchStatistics, salt: str) -> None:

@@ -530,8 +530,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_option(text: str):
     """--option KEY=VALUE -> (key, value); VALUE is read as JSON when it parses (2, 0.5, true, [0.7, 0.9],
     null), else kept as a string."""
-    import argparse
-
     key, sep, raw = text.partition("=")
     if not sep or not key.strip() or not key.strip().isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. adversarial_rounds=2), got {text!r}")

@@ -106,7 +106,8 @@ def capture(model, emb: torch.Tensor | None, batch: int = BATCH, positions=None)
     return torch.cat(hs), torch.cat(rs)
 
 
-def _evenly(n: int, k: int) -> torch.Tensor:
+def evenly_spaced(n: int, k: int) -> torch.Tensor:
+    """k indices spread evenly over range(n) (all of them when n <= k)."""
     return torch.arange(n) if n <= k else torch.linspace(0, n - 1, k).round().long()
 
 
@@ -122,7 +123,7 @@ def key_statistics(model, pres_emb: torch.Tensor, cfg: dict) -> dict:
     from fastforget.identity.preservation import load_cached_tensor, save_cached_tensor
     from fastforget.models.registry import module_fingerprint
 
-    emb = pres_emb[_evenly(len(pres_emb), STAT_IDS)].float()
+    emb = pres_emb[evenly_spaced(len(pres_emb), STAT_IDS)].float()
     recipe = "keyed2" + "/".join(str(cfg[k]) for k in ("shrink", "position_coverage", "other_positions",
                                                          "max_positions"))
     key = hashlib.sha256((module_fingerprint(model.text_encoder) + str(tuple(model._prompt_ids[0].tolist()))
